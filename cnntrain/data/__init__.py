@@ -1,0 +1,1 @@
+"""Data sets: one module per source format, plus the in-memory device pipeline."""

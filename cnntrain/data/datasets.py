@@ -1,0 +1,151 @@
+"""Data set names -> train and validation sets, with their normalisation and default augmentation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cnntrain.config import TrainConfig
+from cnntrain.data.base import ArrayDataset
+from cnntrain.errors import ConfigError, DataError, did_you_mean
+
+log = logging.getLogger("cnntrain")
+
+VAL_SPLIT_SEED = 20150  # fixed, so every run holds out the same validation images
+
+
+@dataclass
+class DataBundle:
+    """What the engine needs to know about a data set."""
+
+    train: ArrayDataset
+    val: ArrayDataset | None
+    val_name: str  # "val" (held out of train) or "test"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str  # default augmentation for this set
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.train.shape
+
+
+MNIST_STATS = ((0.1307,), (0.3081,))
+FASHION_STATS = ((0.2860,), (0.3530,))
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+def _mnist(cfg: TrainConfig, variant: str):
+    from cnntrain.data.mnist import load_mnist
+
+    root = Path(cfg.data_dir)
+    kw = dict(variant=variant, download=cfg.download, verify=cfg.verify)
+    stats = MNIST_STATS if variant == "mnist" else FASHION_STATS
+    return load_mnist(root, True, **kw), load_mnist(root, False, **kw), stats, "none"
+
+
+def _cifar(cfg: TrainConfig, num_classes: int):
+    from cnntrain.data.cifar import load_cifar
+
+    root = Path(cfg.data_dir)
+    kw = dict(num_classes=num_classes, label_mode=cfg.label_mode, download=cfg.download, verify=cfg.verify)
+    stats = CIFAR10_STATS if num_classes == 10 else CIFAR100_STATS
+    return load_cifar(root, True, **kw), load_cifar(root, False, **kw), stats, "crop-flip"
+
+
+def _folder(cfg: TrainConfig):
+    from cnntrain.data.folder import find_split, load_image_folder
+
+    root = Path(cfg.data_dir)
+    size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
+    train = load_image_folder(root, "train", size=size)
+    split = find_split(root)
+    test = load_image_folder(root, split, size=size, classes=train.classes) if split else None
+    stats = channel_stats(train)
+    augment = "crop-flip" if max(train.shape[1:]) <= 64 else "flip"
+    return train, test, stats, augment
+
+
+def _synthetic(cfg: TrainConfig):
+    from cnntrain.data.synthetic import make_synthetic
+
+    shape = tuple(cfg.synthetic_shape)
+    if len(shape) != 3:
+        raise ConfigError(f"--synthetic-shape needs C H W, got {list(shape)}")
+    n, k = cfg.synthetic_size, cfg.synthetic_classes
+    # One draw split in two, so the test images share the training images' class patterns.
+    both = make_synthetic(n + max(n // 4, 1), shape, k, seed=cfg.seed)
+    train, test = both.subset(torch.arange(n)), both.subset(torch.arange(n, len(both)))
+    stats = ((0.5,) * shape[0], (0.25,) * shape[0])
+    return train, test, stats, "none"
+
+
+LOADERS: dict[str, Callable] = {
+    "mnist": lambda cfg: _mnist(cfg, "mnist"),
+    "fashion-mnist": lambda cfg: _mnist(cfg, "fashion"),
+    "cifar10": lambda cfg: _cifar(cfg, 10),
+    "cifar100": lambda cfg: _cifar(cfg, 100),
+    "folder": _folder,
+    "synthetic": _synthetic,
+}
+
+
+def dataset_names() -> list[str]:
+    return sorted(LOADERS)
+
+
+def load_data(cfg: TrainConfig) -> DataBundle:
+    """Load ``cfg.dataset`` whole into memory and split off a validation set when asked."""
+    if cfg.dataset not in LOADERS:
+        raise ConfigError(f"unknown data set {cfg.dataset!r}{did_you_mean(cfg.dataset, LOADERS)}; "
+                          f"choose from {', '.join(dataset_names())}")
+    train, test, (mean, std), augment = LOADERS[cfg.dataset](cfg)
+    val, val_name = test, "test"
+    if cfg.val_split:
+        train, val = hold_out(train, cfg.val_split)
+        val_name = "val"
+    if cfg.augment != "auto":
+        augment = cfg.augment
+    check_labels(train)
+    if val is not None:
+        check_labels(val, train.num_classes)
+    return DataBundle(train, val, val_name, tuple(mean), tuple(std), augment)
+
+
+def hold_out(train: ArrayDataset, count: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Split ``count`` images (a fixed random choice) off ``train`` as a validation set."""
+    if not 0 < count < len(train):
+        raise ConfigError(f"--val-split {count} must be between 1 and {len(train) - 1} "
+                          f"(the training set has {len(train)} images)")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    return train.subset(perm[count:].sort().values), train.subset(perm[:count].sort().values)
+
+
+def check_labels(data: ArrayDataset, num_classes: int | None = None) -> None:
+    k = num_classes or data.num_classes
+    if len(data) == 0:
+        raise DataError(f"{data.source or 'data set'}: no images")
+    lo, hi = int(data.labels.min()), int(data.labels.max())
+    if lo < 0 or hi >= k:
+        raise DataError(f"{data.source or 'data set'}: label {hi if hi >= k else lo} out of range [0, {k})")
+
+
+def channel_stats(data: ArrayDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of a uint8 set, in [0, 1] units."""
+    sample = data.images[: min(len(data), 10000)].to(torch.float64) / 255.0
+    mean = sample.mean(dim=(0, 2, 3))
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())

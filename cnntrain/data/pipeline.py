@@ -1,0 +1,167 @@
+"""The in-memory pipeline for small data sets: the whole set as uint8 on the training device,
+augmented in batches there.
+
+Each epoch's order is a pure function of (seed, epoch) and each batch's augmentation a pure
+function of (seed, epoch, rank, step), so a run resumed at any step sees exactly the batches the
+uninterrupted run would have seen. With several processes, every rank takes a disjoint slice of
+each global batch, so an epoch visits every training image once across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cnntrain.data.base import ArrayDataset
+
+_SEED_MIX = 0x9E3779B1  # odd constant to spread (seed, epoch, ...) into distinct generator seeds
+
+
+def mix_seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from integers (Python's hash of ints is not stable across runs)."""
+    value = 0x1234567
+    for part in parts:
+        value = (value * _SEED_MIX + int(part) + 1) % (1 << 63)
+    return value
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Batched augmentation of uint8 images: random crop of a padded image (or translate), flip,
+    cutout."""
+
+    flip: bool = True
+    pad: int = 0  # crop from an image zero-padded by this many pixels on every side
+    cutout: int = 0  # side of a random square set to zero (0: off)
+
+    @classmethod
+    def from_name(cls, name: str, pad: int = 4, cutout: int = 0) -> Augment | None:
+        if name == "none":
+            return None if not cutout else cls(flip=False, pad=0, cutout=cutout)
+        if name == "flip":
+            return cls(flip=True, pad=0, cutout=cutout)
+        if name in ("crop-flip", "translate-flip"):
+            return cls(flip=True, pad=pad, cutout=cutout)
+        raise ValueError(f"unknown augmentation {name!r}")
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        device = images.device
+        if self.pad:
+            shifts = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator).to(device)
+            images = random_crop(images, self.pad, shifts[0], shifts[1])
+        if self.flip:
+            flips = (torch.rand(n, generator=generator) < 0.5).to(device)
+            images = torch.where(flips[:, None, None, None], images.flip(3), images)
+        if self.cutout:
+            centres = torch.rand(2, n, generator=generator).to(device)
+            images = cutout(images, self.cutout, (centres[0] * h).long(), (centres[1] * w).long())
+        return images
+
+
+def random_crop(images: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Crop each image of the zero-padded batch at its own offset (dy, dx) in [0, 2*pad]."""
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # [N, H]
+    cols = dx[:, None] + torch.arange(w, device=images.device)  # [N, W]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # Advanced indices around the channel slice put the indexed dims first: [N, H, W, C].
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)
+
+
+def cutout(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+    """Zero a size x size square centred at (cy, cx) in each image (clipped at the borders)."""
+    _, _, h, w = images.shape
+    ys = torch.arange(h, device=images.device)[None, :]
+    xs = torch.arange(w, device=images.device)[None, :]
+    inside_y = (ys >= (cy[:, None] - size // 2)) & (ys < (cy[:, None] - size // 2 + size))
+    inside_x = (xs >= (cx[:, None] - size // 2)) & (xs < (cx[:, None] - size // 2 + size))
+    mask = inside_y[:, :, None] & inside_x[:, None, :]
+    return images.masked_fill(mask[:, None], 0)
+
+
+class DeviceLoader:
+    """Batches of a whole in-memory data set, normalised floats on ``device``.
+
+    Training (``shuffle=True``): the global batch of step ``s`` in epoch ``e`` is
+    ``perm(seed, e)[s*B*W:(s+1)*B*W]`` and rank ``r`` takes its r-th slice. The last global
+    batch may be partial; it is split evenly over the ranks (dropped with ``drop_last``).
+    Evaluation (``shuffle=False``): rank ``r`` takes a contiguous ``1/W`` of the set in order, so
+    across ranks every image is scored exactly once.
+    """
+
+    def __init__(self, data: ArrayDataset, batch_size: int, *, device: torch.device, mean, std,
+                 shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 augment: Augment | None = None, drop_last: bool = False,
+                 channels_last: bool = False, float_dtype: torch.dtype = torch.float32) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.augment = augment
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self.float_dtype = float_dtype
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        shape = (1, -1, 1, 1)
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(device)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape).to(device)
+        if not shuffle:
+            total = len(data)
+            self._eval_range = (total * rank // world_size, total * (rank + 1) // world_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        """Steps per epoch (identical on every rank)."""
+        if not self.shuffle:
+            lo, hi = self._eval_range
+            return -(-(hi - lo) // self.batch_size)
+        full, rest = divmod(len(self.data), self.global_batch)
+        keep_rest = rest and not self.drop_last and rest // self.world_size >= 2
+        return full + (1 if keep_rest else 0)
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for ``epoch``, in visiting order (training only)."""
+        return torch.cat([self._step_indices(self._permutation(epoch), s) for s in range(len(self))])
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        return torch.randperm(len(self.data), generator=g)
+
+    def _step_indices(self, perm: torch.Tensor, step: int) -> torch.Tensor:
+        chunk = perm[step * self.global_batch:(step + 1) * self.global_batch]
+        return torch.tensor_split(chunk, self.world_size)[self.rank]
+
+    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images, labels) for steps ``start_step..`` of ``epoch``."""
+        if not self.shuffle:
+            lo, hi = self._eval_range
+            for begin in range(lo, hi, self.batch_size):
+                idx = slice(begin, min(begin + self.batch_size, hi))
+                yield self._finish(self.images[idx]), self.labels[idx]
+            return
+        perm = self._permutation(epoch)
+        for step in range(start_step, len(self)):
+            idx = self._step_indices(perm, step).to(self.device)
+            images = self.images[idx]
+            if self.augment is not None:
+                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, step))
+                images = self.augment(images, g)
+            yield self._finish(images), self.labels[idx]
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32).mul_(self.scale).add_(self.shift)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.float_dtype) if self.float_dtype != torch.float32 else x

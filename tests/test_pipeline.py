@@ -1,0 +1,89 @@
+import torch
+
+from cnntrain.data.base import ArrayDataset
+from cnntrain.data.pipeline import Augment, DeviceLoader, cutout, random_crop
+
+
+def _data(n=103, shape=(3, 8, 8)):
+    images = torch.arange(n * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).view(n, *shape)
+    return ArrayDataset(images, torch.arange(n) % 10, [str(i) for i in range(10)])
+
+
+def _loader(data, **kw):
+    args = dict(device=torch.device("cpu"), mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True, seed=3)
+    args.update(kw)
+    return DeviceLoader(data, 10, **args)
+
+
+def test_ranks_see_disjoint_shards_covering_the_epoch():
+    data = _data(103)
+    for world in (1, 2, 3):
+        seen = [_loader(data, rank=r, world_size=world).epoch_indices(epoch=4) for r in range(world)]
+        all_seen = torch.cat(seen)
+        assert len(set(all_seen.tolist())) == len(all_seen), "an image was given to two ranks"
+        dropped = 103 - len(all_seen)
+        # Only the tail of a partial global batch too small to split may be dropped.
+        assert dropped < 2 * world
+        steps = {len(_loader(data, rank=r, world_size=world)) for r in range(world)}
+        assert len(steps) == 1, "ranks must run the same number of steps"
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch():
+    data = _data()
+    a, b = _loader(data), _loader(data)
+    assert torch.equal(a.epoch_indices(2), b.epoch_indices(2))
+    assert not torch.equal(a.epoch_indices(2), a.epoch_indices(3))
+    assert not torch.equal(a.epoch_indices(2), _loader(data, seed=4).epoch_indices(2))
+
+
+def test_resuming_mid_epoch_yields_the_same_batches():
+    data = _data()
+    loader = _loader(data, augment=Augment(flip=True, pad=2, cutout=3))
+    full = list(loader.iterate(epoch=1))
+    tail = list(loader.iterate(epoch=1, start_step=4))
+    assert len(tail) == len(full) - 4
+    for (x1, y1), (x2, y2) in zip(full[4:], tail):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_eval_covers_every_image_exactly_once_across_ranks():
+    data = _data(101)
+    labels = []
+    for rank in range(3):
+        loader = _loader(data, shuffle=False, rank=rank, world_size=3)
+        labels += [y for _, y in loader.iterate(0)]
+    images_seen = sum(len(y) for y in labels)
+    assert images_seen == 101
+
+
+def test_normalisation_and_channels_last():
+    data = _data(4)
+    x, _ = next(_loader(data, shuffle=False, channels_last=True).iterate(0))
+    expected = (data.images.float() / 255 - 0.5) / 0.25
+    assert torch.allclose(x, expected, atol=1e-5)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_random_crop_shifts_each_image_by_its_own_offset():
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4) + 1
+    out = random_crop(images, 2, torch.tensor([2, 0]), torch.tensor([2, 4]))
+    assert torch.equal(out[0], images[0])  # offset (pad, pad) is the identity
+    # offset (0, 4): rows shifted down by 2 (zeros on top), columns shifted left by 2 (zeros right)
+    assert torch.equal(out[1, 0, 2:, :2], images[1, 0, :2, 2:])
+    assert out[1, 0, :2].sum() == 0 and out[1, 0, :, 2:].sum() == 0
+
+
+def test_cutout_zeroes_a_square():
+    images = torch.full((1, 1, 8, 8), 7, dtype=torch.uint8)
+    out = cutout(images, 4, torch.tensor([4]), torch.tensor([4]))
+    assert (out[0, 0, 2:6, 2:6] == 0).all()
+    assert int((out == 0).sum()) == 16
+
+
+def test_flip_flips_about_half_and_only_horizontally():
+    images = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).repeat(200, 1, 1, 1)
+    out = Augment(flip=True)(images, torch.Generator().manual_seed(0))
+    flipped = (out == images.flip(3)).flatten(1).all(1)
+    same = (out == images).flatten(1).all(1)
+    assert bool((flipped | same).all())
+    assert 60 < int(flipped.sum()) < 140
