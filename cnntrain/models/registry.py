@@ -1,0 +1,78 @@
+"""The model registry: ``@register`` a factory, ``create_model(name, num_classes)`` builds it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from cnntrain.errors import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    factory: Callable[..., nn.Module]
+    input_size: tuple[int, int, int]  # (channels, height, width) the model is designed for
+    family: str
+    recipe: str | None = None  # name of the default recipe, if any
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, *, input_size: tuple[int, int, int], family: str, recipe: str | None = None,
+             description: str = ""):
+    """Decorator: register ``factory(num_classes, in_channels, **kwargs) -> nn.Module`` under ``name``."""
+
+    def wrap(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, factory, input_size, family, recipe, description)
+        return factory
+
+    return wrap
+
+
+def get_spec(name: str) -> ModelSpec:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; "
+                          f"`cnntrain models` lists them all")
+    return _REGISTRY[name]
+
+
+def list_models() -> list[ModelSpec]:
+    _ensure_loaded()
+    return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
+
+
+def create_model(name: str, num_classes: int, in_channels: int | None = None, **kwargs) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` outputs (``in_channels`` defaults to its own)."""
+    spec = get_spec(name)
+    channels = spec.input_size[0] if in_channels is None else in_channels
+    return spec.factory(num_classes=num_classes, in_channels=channels, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every family; done lazily so `registry` has no import cycle.
+    import cnntrain.models  # noqa: F401
+
+
+def create_model_for(name: str, num_classes: int, shape: tuple[int, int, int] | None = None,
+                     **kwargs) -> nn.Module:
+    """``create_model`` for images of ``shape`` (C, H, W): passes ``image_size`` to the models whose
+    classifier width depends on it."""
+    import inspect
+
+    if shape is None:
+        return create_model(name, num_classes, **kwargs)
+    if "image_size" in inspect.signature(get_spec(name).factory).parameters:
+        kwargs.setdefault("image_size", tuple(shape[1:]))
+    return create_model(name, num_classes, in_channels=shape[0], **kwargs)
