@@ -1,0 +1,124 @@
+"""The Python API: every CLI command is also a function here.
+
+    import cnntrain
+    result = cnntrain.train(dataset="mnist", model="lenet", epochs=2)
+    model = cnntrain.load(result.run_dir)          # ready for inference
+    scores = cnntrain.evaluate(result.run_dir)     # top-1 / top-5 / loss / per-class
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cnntrain.config import TrainConfig, build_config, config_from_dict
+from cnntrain.engine import checkpoint as ckpt
+from cnntrain.engine.evaluate import EvalResult
+from cnntrain.engine.run import read_safetensors
+from cnntrain.engine.trainer import Result
+from cnntrain.errors import CheckpointError
+from cnntrain.models.registry import create_model_for
+
+
+def train(config: TrainConfig | dict | None = None, **kwargs: Any) -> Result:
+    """Train with a ``TrainConfig``, a dict of options, or keyword options (``recipe=`` a recipe name)."""
+    from cnntrain.engine.trainer import train as run
+
+    if isinstance(config, TrainConfig):
+        cfg = build_config(**{**config.to_dict(), **kwargs})
+    else:
+        options = {**(config or {}), **kwargs}
+        cfg = build_config(options.pop("recipe", None) or options.pop("config", None), **options)
+    return run(cfg)
+
+
+def _weights_source(path: Path) -> Path:
+    """A run folder -> its model.safetensors, else its newest valid checkpoint; a file -> itself."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
+        found = ckpt.latest_valid(path / "checkpoints")
+        if found is None:
+            raise CheckpointError(f"{path} holds neither model.safetensors nor a valid checkpoint")
+        return found
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    return path
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig, dict]:
+    """State dict, config and metadata (classes, mean, std, input shape) of a run, checkpoint or
+    ``model.safetensors``."""
+    source = _weights_source(Path(path))
+    if source.suffix == ".safetensors":
+        state, meta = read_safetensors(source)
+        if "config" not in meta:
+            raise CheckpointError(f"{source} was not written by cnntrain (no config in its metadata)")
+        return state, config_from_dict(meta["config"]), meta
+    payload = ckpt.load_checkpoint(source)
+    try:
+        cfg = config_from_dict(payload["config"])
+        state = payload["ema"] if "ema" in payload else payload["model"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{source} is not a cnntrain checkpoint") from None
+    if "ema" in payload:  # AveragedModel keys: module.<name> plus n_averaged
+        state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+    return state, cfg, dict(payload.get("meta", {}))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A trained model in eval mode, from a run folder, a checkpoint or ``model.safetensors``.
+
+    The returned module carries ``.classes``, ``.mean`` and ``.std`` when the run recorded them."""
+    state, cfg, meta = load_weights(path)
+    num_classes = meta.get("num_classes") or _infer_classes(state)
+    shape = meta.get("input_shape")
+    model = create_model_for(cfg.model, num_classes, tuple(shape) if shape else None, **cfg.model_kwargs)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {path} do not fit model {cfg.model!r}: {str(exc).splitlines()[0]}") \
+            from None
+    model.classes = meta.get("classes")
+    model.mean, model.std = meta.get("mean"), meta.get("std")
+    return model.to(device).eval()
+
+
+def _infer_classes(state: dict[str, torch.Tensor]) -> int:
+    last = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    if not last:
+        raise CheckpointError("cannot tell the number of classes from the weights")
+    return last[-1].shape[0]
+
+
+def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
+    """Score a run, checkpoint or ``model.safetensors`` on its data set's validation/test split.
+
+    ``overrides`` change the stored config (e.g. ``data_dir=``, ``batch_size=``, ``device=``)."""
+    from cnntrain.data.datasets import load_data
+    from cnntrain.data.pipeline import DeviceLoader
+    from cnntrain.dist.strategy import make_strategy
+    from cnntrain.engine.evaluate import evaluate as score
+
+    state, saved, meta = load_weights(path)
+    cfg = build_config(**{**saved.to_dict(), "resume": "", **{k: v for k, v in overrides.items() if v is not None}})
+    strategy = make_strategy(cfg)
+    strategy.setup()
+    try:
+        data = strategy.run_main_first(lambda: load_data(cfg))
+        if data.val is None:
+            raise CheckpointError(f"data set {cfg.dataset} in {cfg.data_dir} has no validation or test split")
+        model = load(path, strategy.device)
+        mean = meta.get("mean") or data.mean
+        std = meta.get("std") or data.std
+        loader = DeviceLoader(data.val, max(cfg.batch_size, 256), device=strategy.device, mean=mean, std=std,
+                              shuffle=False, rank=strategy.rank, world_size=strategy.world_size)
+        return score(model, loader.iterate(0), data.num_classes, precision=cfg.precision,
+                     device=strategy.device, confusion=True,
+                     all_reduce=strategy.all_reduce_sum if strategy.world_size > 1 else None)
+    finally:
+        strategy.teardown()

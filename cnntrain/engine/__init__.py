@@ -1,0 +1,1 @@
+"""The training loop, evaluation, optimisation, precision, checkpoints and metrics."""

@@ -1,0 +1,87 @@
+"""Evaluation: loss, top-1/top-5 and per-class counts, summed over ranks, every image once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from cnntrain.engine.precision import autocast
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float  # accuracy in [0, 1]
+    top5: float
+    count: int
+    class_correct: list[int]
+    class_total: list[int]
+    confusion: list[list[int]] | None = None
+
+    @property
+    def top1_err(self) -> float:
+        return 1.0 - self.top1
+
+    @property
+    def top5_err(self) -> float:
+        return 1.0 - self.top5
+
+    @property
+    def top1_stderr(self) -> float:
+        """Standard error of the top-1 accuracy (binomial)."""
+        return (self.top1 * (1 - self.top1) / max(self.count, 1)) ** 0.5
+
+    def per_class(self) -> list[float]:
+        return [c / t if t else float("nan") for c, t in zip(self.class_correct, self.class_total)]
+
+
+def main_logits(output) -> torch.Tensor:
+    """Logits from a model output (Inception/GoogLeNet return a tuple with auxiliary heads)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, *,
+             precision: str = "fp32", device: torch.device | None = None,
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             confusion: bool = False) -> EvalResult:
+    """Score ``model`` on ``batches``; ``all_reduce`` sums the counters over ranks when given."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    k = min(5, num_classes)
+    try:
+        for images, labels in batches:
+            with autocast(precision, device.type):
+                logits = main_logits(model(images)).float()
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+            top = logits.topk(k, dim=1).indices
+            correct5 += (top == labels[:, None]).any(dim=1).sum()
+            conf.view(-1).index_add_(0, labels * num_classes + top[:, 0], torch.ones_like(labels))
+    finally:
+        model.train(was_training)
+    if all_reduce is not None:
+        packed = torch.cat([loss_sum.view(1), correct5.double().view(1), conf.double().view(-1)])
+        packed = all_reduce(packed)
+        loss_sum, correct5 = packed[0], packed[1].long()
+        conf = packed[2:].round().long().view(num_classes, num_classes)
+    total = int(conf.sum())
+    class_total = conf.sum(dim=1).tolist()
+    class_correct = conf.diagonal().tolist()
+    return EvalResult(
+        loss=float(loss_sum) / max(total, 1),
+        top1=sum(class_correct) / max(total, 1),
+        top5=int(correct5) / max(total, 1),
+        count=total,
+        class_correct=class_correct,
+        class_total=class_total,
+        confusion=conf.tolist() if confusion else None,
+    )

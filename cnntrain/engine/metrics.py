@@ -1,0 +1,57 @@
+"""metrics.csv (one row per logged step and per evaluation) and summary.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["step", "epoch", "split", "loss", "top1_err", "top5_err", "lr", "img_per_s", "elapsed_s",
+           "loss_scale", "grad_norm"]
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.csv``; on resume, drops rows written after the checkpoint's step."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is None or not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(COLUMNS)
+        else:
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, **row: Any) -> None:
+        values = [_fmt(row.get(c, "")) for c in COLUMNS]
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(values)
+            f.flush()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False))
+    os.replace(tmp, path)

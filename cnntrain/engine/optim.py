@@ -1,0 +1,82 @@
+"""Optimizer construction and the learning rate as a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from cnntrain.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) -> list[dict]:
+    """Two groups: weights that decay, and (unless ``decay_bn_bias``) 1-d parameters that do not.
+
+    1-d parameters are biases and normalisation scales; decaying them hurts more than it helps on
+    large-batch recipes, and LARC skips them too (``larc_exclude`` marks the group).
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    if decay_bn_bias:
+        return [{"params": decay + no_decay, "weight_decay": weight_decay, "larc_exclude": False}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "larc_exclude": False}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "larc_exclude": True})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """SGD (optionally Nesterov), Adam or AdamW over ``param_groups``; multi-tensor kernels."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_bn_bias)
+    if cfg.larc_mode != "none":
+        # LARC needs the decayed gradient (g + wd * w), as nvcnn adds the L2 term to the loss; it
+        # folds the decay in itself, so the optimizer must not apply it again.
+        for g in groups:
+            g["larc_weight_decay"], g["weight_decay"] = g["weight_decay"], 0.0
+    fused = device_type == "cuda"
+    if cfg.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.optimizer == "nesterov" and cfg.momentum > 0,
+                               foreach=not fused, fused=fused or None)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, foreach=not fused, fused=fused or None)
+
+
+def lr_at(step: int, cfg: TrainConfig, base_lr: float, steps_per_epoch: int, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): warm-up, then the schedule.
+
+    Depends on nothing but its arguments, so a resumed run gets exactly the same rates.
+    """
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    epoch = step / steps_per_epoch
+    t = min(max((step - warmup) / max(total_steps - warmup, 1), 0.0), 1.0)
+    final = base_lr * cfg.lr_final
+    kind = cfg.lr_schedule
+    if kind == "constant":
+        return base_lr
+    if kind == "step":
+        return base_lr * cfg.lr_gamma ** math.floor(epoch / cfg.lr_step_epochs)
+    if kind == "multistep":
+        return base_lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+    if kind == "cosine":
+        return final + (base_lr - final) * 0.5 * (1 + math.cos(math.pi * t))
+    if kind == "poly":
+        return final + (base_lr - final) * (1 - t) ** cfg.lr_power
+    if kind == "onecycle":
+        # Triangular one-cycle: up from lr/25 over the first 25% of the steps, then linearly down.
+        peak = 0.25
+        if t < peak:
+            return base_lr * (0.04 + 0.96 * t / peak)
+        return final + (base_lr - final) * (1 - t) / (1 - peak)
+    raise ValueError(f"unknown schedule {kind!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

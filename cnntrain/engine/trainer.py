@@ -1,0 +1,375 @@
+"""The training loop, readable top to bottom.
+
+    cnntrain train --dataset cifar10 --model resnet20 --epochs 5
+    cnntrain train --dataset mnist --model lenet --epochs 2 --precision bf16
+    torchrun --standalone --nproc-per-node 2 -m cnntrain train --dataset synthetic --max-steps 50
+
+``train(cfg)`` builds the strategy, data, model and optimizer, restores a checkpoint when asked,
+then runs steps. The learning rate is a pure function of the step and the data order a pure
+function of (seed, epoch), so the state saved in a checkpoint (weights, optimizer, scaler, EMA,
+RNG, step, partial metrics) is all a resumed run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cnntrain.config import TrainConfig, config_from_dict, save_config
+from cnntrain.data.datasets import DataBundle, load_data
+from cnntrain.data.pipeline import Augment, DeviceLoader
+from cnntrain.dist.strategy import Strategy, make_strategy
+from cnntrain.engine import checkpoint as ckpt
+from cnntrain.engine.evaluate import EvalResult, evaluate, main_logits
+from cnntrain.engine.larc import apply_larc
+from cnntrain.engine.metrics import MetricsLog, write_summary
+from cnntrain.engine.optim import build_optimizer, lr_at, set_lr
+from cnntrain.engine.plots import plot_curves
+from cnntrain.engine.precision import LossScaler, autocast
+from cnntrain.engine.progress import TABLE_HEADER, Progress, setup_logging, table_row
+from cnntrain.engine.run import export_safetensors, peak_memory_mb, resolve_run_dir, unwrap
+from cnntrain.errors import ConfigError, NumericalError
+from cnntrain.models import count_parameters, get_spec
+from cnntrain.models.registry import create_model_for
+
+log = logging.getLogger("cnntrain")
+
+
+@dataclass
+class Result:
+    run_dir: Path
+    best_top1: float
+    final_top1: float
+    steps: int
+    seconds: float
+    img_per_s: float
+    summary: dict
+
+
+def build_model(cfg: TrainConfig, data: DataBundle) -> nn.Module:
+    """The configured model for ``data``, checked against one image so a size mismatch is clear."""
+    model = create_model_for(cfg.model, data.num_classes, data.shape, **cfg.model_kwargs)
+    probe = torch.zeros((2, *data.shape))
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    except RuntimeError as exc:
+        want = get_spec(cfg.model).input_size
+        raise ConfigError(f"model {cfg.model!r} (designed for input {want}) cannot take images of shape "
+                          f"{data.shape} from --dataset {cfg.dataset}: {str(exc).splitlines()[0]}; "
+                          f"pick another --model or resize with --image-size") from None
+    return model.train()
+
+
+def _loss_fn(cfg: TrainConfig):
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def loss(output, labels):
+        if isinstance(output, torch.Tensor):
+            return ce(output, labels)
+        # Auxiliary heads weighted as their papers' training code: GoogLeNet 2 x 0.3, Inception v3 0.4.
+        main, *aux = [o for o in output if o is not None]
+        weight = 0.3 if len(aux) > 1 else 0.4
+        return ce(main, labels) + sum(weight * ce(a, labels) for a in aux)
+
+    return loss
+
+
+class _Window:
+    """Training loss/accuracy summed on the device between log lines (no per-step host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.data_seconds = 0.0
+        self.paused = 0.0  # seconds spent evaluating / saving inside the window, not training
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, grad_norm) -> None:
+        n = labels.shape[0]
+        correct = (logits.argmax(dim=1) == labels).sum()
+        self.sums += torch.stack([loss.detach().double() * n, correct.double(),
+                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+        self.grad_norm += grad_norm.detach().double()
+        self.steps += 1
+
+    def state(self) -> dict:
+        return {"sums": self.sums.cpu(), "grad_norm": self.grad_norm.cpu(), "steps": self.steps}
+
+    def load(self, state: dict) -> None:
+        self.sums.copy_(state["sums"])
+        self.grad_norm.copy_(state["grad_norm"])
+        self.steps = int(state["steps"])
+
+
+def train(cfg: TrainConfig, strategy: Strategy | None = None) -> Result:
+    """Train as ``cfg`` says; returns the run folder and headline figures."""
+    setup_logging()
+    strategy = strategy or make_strategy(cfg)
+    strategy.setup()
+    try:
+        return _train(cfg, strategy)
+    finally:
+        strategy.teardown()
+
+
+def _agree_on_time(strategy: Strategy) -> int:
+    stamp = torch.tensor([int(time.time())], dtype=torch.int64, device=strategy.device)
+    if strategy.world_size > 1:
+        # Rank 0's clock names the run folder for everyone.
+        stamp = strategy.broadcast_from_main(stamp)
+    return int(stamp.item())
+
+
+def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
+    main = strategy.is_main
+    if not main:
+        log.setLevel(logging.WARNING)
+    device = strategy.device
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    data = strategy.run_main_first(lambda: load_data(cfg))
+    model = build_model(cfg, data).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    run_dir = resolve_run_dir(cfg, _agree_on_time(strategy))
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes,
+            "input_shape": list(data.shape), "mean": list(data.mean), "std": list(data.std),
+            "config": cfg.to_dict()}
+    world = strategy.world_size
+    global_batch = cfg.batch_size * world
+    base_lr = cfg.lr * (global_batch / cfg.scale_lr if cfg.scale_lr else 1.0)
+    optimizer = build_optimizer(model, cfg, device.type)
+    scaler = LossScaler.for_precision(cfg.precision, cfg.loss_scale)
+    ema = None
+    if cfg.ema_decay:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+    augment = Augment.from_name(data.augment, cfg.pad, cfg.cutout)
+    train_loader = DeviceLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std,
+                                shuffle=True, seed=cfg.seed, rank=strategy.rank, world_size=world,
+                                augment=augment, drop_last=cfg.drop_last, channels_last=cfg.channels_last)
+    val_loader = None
+    if data.val is not None:
+        val_loader = DeviceLoader(data.val, max(cfg.batch_size, 256), device=device, mean=data.mean,
+                                  std=data.std, shuffle=False, rank=strategy.rank, world_size=world,
+                                  channels_last=cfg.channels_last)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0 or global_batch > len(data.train):
+        raise ConfigError(f"--batch-size {cfg.batch_size} x {world} processes is larger than the "
+                          f"{len(data.train)} training images: lower --batch-size")
+    total_steps = round(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.max_steps
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    step, best_top1, elapsed_before = 0, 0.0, 0.0
+    window = _Window(device)
+    resume_path = ckpt.resolve_resume(cfg.resume, run_dir)
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        window.load(state["window"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        step, best_top1, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
+        _warn_config_changes(config_from_dict(state["config"]), cfg)
+        log.info("resumed from %s at step %d (epoch %.2f)", resume_path, step, step / steps_per_epoch)
+
+    metrics = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume_path else None) if main else None
+    wrapped = strategy.wrap_model(model)
+    if cfg.compile:
+        compile_started = time.perf_counter()
+        wrapped = torch.compile(wrapped)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = _loss_fn(cfg)
+    eval_model = ema if ema is not None else wrapped
+
+    if main:
+        log.info("%s: %s, %d parameters | %s: %d train, %d %s images, %d classes | batch %d x %d = %d, "
+                 "%d steps/epoch, %d steps | %s %s | %s", run_dir, cfg.model, count_parameters(model),
+                 cfg.dataset, len(data.train), len(data.val) if data.val else 0, data.val_name,
+                 data.num_classes, cfg.batch_size, world, global_batch, steps_per_epoch, total_steps,
+                 device, cfg.precision, "resumed" if resume_path else "new run")
+    progress = Progress(cfg.progress, total_steps, step, main)
+    if main:
+        progress.write(TABLE_HEADER)
+
+    started = time.perf_counter()
+    last_save = started
+    images_seen = 0
+    bad_run = 0
+    last_eval: EvalResult | None = None
+    last_train = (float("nan"), float("nan"))
+    compile_seconds = None
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    def save(best: bool = False) -> None:
+        nonlocal last_save
+        if main:
+            state = {
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "window": window.state(), "step": step,
+                "best_top1": best_top1, "elapsed": elapsed(), "config": cfg.to_dict(), "meta": meta,
+                "rng": {"torch": torch.get_rng_state(),
+                        **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+            }
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            ckpt.save_checkpoint(state, run_dir / "checkpoints", step, keep_last=cfg.keep_last, best=best)
+        last_save = time.perf_counter()
+
+    def run_eval() -> None:
+        nonlocal best_top1, last_eval
+        if val_loader is None:
+            return
+        result = evaluate(eval_model, val_loader.iterate(0), data.num_classes, precision=cfg.precision,
+                          device=device, all_reduce=strategy.all_reduce_sum if world > 1 else None)
+        last_eval = result
+        is_best = result.top1 > best_top1
+        best_top1 = max(best_top1, result.top1)
+        if main:
+            metrics.write(step=step, epoch=step / steps_per_epoch, split=data.val_name, loss=result.loss,
+                          top1_err=result.top1_err, top5_err=result.top5_err, lr=current_lr,
+                          elapsed_s=elapsed())
+            rate = images_seen / max(time.perf_counter() - started, 1e-9)
+            progress.write(table_row(step / steps_per_epoch, step, last_train[0], last_train[1], result.loss,
+                                     result.top1_err, result.top5_err, current_lr, rate, elapsed()))
+            plot_curves(run_dir / "metrics.csv", run_dir / "plots" / "curves.png",
+                        f"{cfg.dataset} / {cfg.model}")
+        return is_best
+
+    def log_window() -> None:
+        nonlocal last_train
+        sums = strategy.all_reduce_sum(window.sums.clone()) if world > 1 else window.sums
+        loss_sum, correct, count = sums.tolist()
+        seconds = max(time.perf_counter() - window.started - window.paused, 1e-9)
+        img_s = count / seconds
+        last_train = (loss_sum / max(count, 1), 1 - correct / max(count, 1))
+        grad_norm = float(window.grad_norm) / max(window.steps, 1)
+        if main:
+            metrics.write(step=step, epoch=step / steps_per_epoch, split="train", loss=last_train[0],
+                          top1_err=last_train[1], top5_err="", lr=current_lr, img_per_s=img_s,
+                          elapsed_s=elapsed(), loss_scale=scaler.scale, grad_norm=grad_norm)
+            progress.report(step, step / steps_per_epoch, last_train[0], last_train[1], current_lr, img_s,
+                            window.data_seconds / seconds)
+        window.sums.zero_()
+        window.grad_norm.zero_()
+        window.steps = 0
+        window.data_seconds = 0.0
+        window.paused = 0.0
+        window.started = time.perf_counter()
+
+    current_lr = lr_at(step, cfg, base_lr, steps_per_epoch, total_steps)
+    model.train()
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        batches = train_loader.iterate(epoch, in_epoch)
+        while step < total_steps:
+            t0 = time.perf_counter()
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            window.data_seconds += time.perf_counter() - t0
+            current_lr = lr_at(step, cfg, base_lr, steps_per_epoch, total_steps)
+            set_lr(optimizer, current_lr)
+            with autocast(cfg.precision, device.type):
+                output = wrapped(images)
+                loss = loss_fn(output, labels)
+            scaler.scale_loss(loss).backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            scaler.unscale_(grads)
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            # The one host sync per step: skip the update when anything is not finite.
+            loss_ok, grads_ok = torch.stack([loss.detach().float(), grad_norm.float()]).isfinite().tolist()
+            if grads_ok:
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+                if cfg.larc_mode != "none":
+                    apply_larc(optimizer, current_lr, cfg.larc_mode, cfg.larc_eta, cfg.larc_eps)
+                optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+            scaler.update(found_inf=not grads_ok)
+            optimizer.zero_grad(set_to_none=True)
+            if compile_seconds is None and cfg.compile:
+                compile_seconds = time.perf_counter() - compile_started
+                log.info("torch.compile warm-up (first step): %.1f s", compile_seconds)
+            bad_run = 0 if loss_ok else bad_run + 1
+            if bad_run >= cfg.max_bad_steps:
+                last_good = ckpt.latest_valid(run_dir / "checkpoints", quiet=True)
+                raise NumericalError(
+                    f"loss was not finite for {bad_run} steps in a row (step {step + 1}); last good checkpoint: "
+                    f"{last_good or 'none'}; lower --lr, add --grad-clip or --warmup-epochs, or use bf16/fp32")
+            if loss_ok:
+                window.add(loss, main_logits(output).float(), labels, grad_norm if grads_ok else grad_norm * 0)
+            step += 1
+            images_seen += labels.shape[0] * world
+            progress.step(step)
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            if step % cfg.display_every == 0 or (epoch_end and window.steps):
+                log_window()
+            is_best = False
+            pause_started = time.perf_counter()
+            if (cfg.eval_every and step % cfg.eval_every == 0) or (epoch_end and not cfg.eval_every) \
+                    or step == total_steps:
+                is_best = bool(run_eval())
+            timed = cfg.save_interval and time.perf_counter() - last_save >= cfg.save_interval
+            if (cfg.save_every and step % cfg.save_every == 0) or (epoch_end and not cfg.save_every) \
+                    or step == total_steps or timed or is_best:
+                save(best=is_best)
+            window.paused += time.perf_counter() - pause_started
+    progress.close()
+
+    seconds = time.perf_counter() - started
+    summary = {
+        "run_dir": str(run_dir), "dataset": cfg.dataset, "model": cfg.model,
+        "parameters": count_parameters(model), "steps": step, "epochs": step / steps_per_epoch,
+        "global_batch": global_batch, "world_size": world, "device": str(device), "precision": cfg.precision,
+        "best_top1": best_top1, "final_top1": last_eval.top1 if last_eval else None,
+        "final_top5": last_eval.top5 if last_eval else None, "final_loss": last_eval.loss if last_eval else None,
+        "eval_split": data.val_name, "eval_images": last_eval.count if last_eval else 0,
+        "train_seconds": seconds, "total_seconds": elapsed(), "img_per_s": images_seen / max(seconds, 1e-9),
+        "skipped_steps": scaler.skipped, "loss_scale": scaler.scale, "compile_seconds": compile_seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    if main:
+        export_safetensors(ema if ema is not None else model, run_dir / "model.safetensors", meta)
+        write_summary(run_dir / "summary.json", summary)
+        log.info("done: %d steps in %.1f s (%.1f img/s); %s top-1 %.2f%% (best %.2f%%); %s", step, seconds,
+                 summary["img_per_s"], data.val_name, 100 * (summary["final_top1"] or 0), 100 * best_top1,
+                 run_dir)
+    return Result(run_dir, best_top1, summary["final_top1"] or 0.0, step, seconds, summary["img_per_s"], summary)
+
+
+def _warn_config_changes(saved: TrainConfig, now: TrainConfig) -> None:
+    ignore = {"resume", "run_dir", "epochs", "max_steps", "display_every", "progress", "save_every",
+              "save_interval", "eval_every", "keep_last", "data_dir", "threads", "download", "verify"}
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in ignore and getattr(saved, f.name) != getattr(now, f.name)]
+    if changed:
+        log.warning("resuming with changed options (%s): the result will differ from an uninterrupted run",
+                    ", ".join(changed))

@@ -1,0 +1,135 @@
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import cnntrain
+from cnntrain.engine import checkpoint as ckpt
+from cnntrain.errors import ConfigError, NumericalError
+from tests.helpers import REPO, cli_args, tiny, weights
+
+
+def test_end_to_end_run_writes_every_output(tmp_path):
+    result = cnntrain.train(tiny(tmp_path / "run", epochs=3))
+    run = result.run_dir
+    for name in ("config.yaml", "metrics.csv", "summary.json", "model.safetensors", "plots/curves.png"):
+        assert (run / name).is_file(), name
+    assert ckpt.list_checkpoints(run / "checkpoints")
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["split"] for r in rows} == {"train", "test"}
+    assert sum(r["split"] == "test" for r in rows) == 3  # one evaluation per epoch
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 * 8 and summary["eval_images"] == 64
+    # Synthetic classes are separable: three epochs must beat chance (10%) by far.
+    assert result.final_top1 > 0.5
+    # The saved config reloads as a recipe and reproduces the options.
+    again = cnntrain.build_config(str(run / "config.yaml"))
+    assert again.model == "lenet" and again.epochs == 3
+
+
+def test_load_and_evaluate_a_finished_run(tmp_path):
+    result = cnntrain.train(tiny(tmp_path / "run"))
+    model = cnntrain.load(result.run_dir)
+    assert not model.training and len(model.classes) == 10
+    scores = cnntrain.evaluate(result.run_dir)
+    assert scores.count == 64
+    assert scores.top1 == pytest.approx(result.final_top1)
+    assert sum(scores.class_total) == 64
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = cnntrain.train(tiny(tmp_path / "a", max_steps=6))
+    b = cnntrain.train(tiny(tmp_path / "b", max_steps=6))
+    wa, wb = weights(a.run_dir), weights(b.run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch):
+    options = dict(save_every=3, ema_decay=0.9, label_smoothing=0.1, display_every=5)
+    full = cnntrain.train(tiny(tmp_path / "full", **options))
+    part = tiny(tmp_path / "part", **options)
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(state, folder, step, **kw):
+        path = real_save(state, folder, step, **kw)
+        if step == 9:  # mid epoch 2 (8 steps per epoch), mid log window (every 5 steps)
+            raise Crash
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        cnntrain.train(part)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    resumed = cnntrain.train({**part, "resume": "auto"})
+    wa, wb = weights(full.run_dir), weights(resumed.run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _rows_without_timing(full.run_dir) == _rows_without_timing(resumed.run_dir)
+
+
+def _rows_without_timing(run):
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path):
+    options = tiny(tmp_path / "killed", epochs=4, synthetic_size=512, save_every=2)
+    full = cnntrain.train({**options, "run_dir": str(tmp_path / "full")})
+    cmd = [sys.executable, "-m", "cnntrain", "train", *cli_args(options)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = ckpt.list_checkpoints(folder)
+            if found and found[-1][0] >= 20:  # past epoch 1 (16 steps), mid epoch 2
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    result = subprocess.run([*cmd, "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr
+    wa, wb = weights(full.run_dir), weights(tmp_path / "killed")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(tmp_path, precision):
+    result = cnntrain.train(tiny(tmp_path / precision, precision=precision, epochs=3))
+    assert result.final_top1 > 0.3
+    assert result.summary["precision"] == precision
+
+
+def test_static_loss_scale_is_kept(tmp_path):
+    result = cnntrain.train(tiny(tmp_path / "s", precision="fp16", loss_scale=128, max_steps=4))
+    assert result.summary["loss_scale"] == 128
+
+
+def test_diverging_loss_stops_with_the_step_and_advice(tmp_path):
+    with pytest.raises(NumericalError, match=r"not finite for 3 steps.*lower --lr"):
+        cnntrain.train(tiny(tmp_path / "nan", lr=1e30, momentum=0.0, max_bad_steps=3, epochs=4))
+
+
+def test_batch_larger_than_the_data_set_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="larger than"):
+        cnntrain.train(tiny(tmp_path / "b", batch_size=100000))
+
+
+def test_model_that_cannot_take_the_images_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="cannot take images"):
+        cnntrain.train(tiny(tmp_path / "m", model="inception_v3"))

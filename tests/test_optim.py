@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from cnntrain.config import build_config
+from cnntrain.engine.larc import apply_larc
+from cnntrain.engine.optim import build_optimizer, lr_at, param_groups
+from cnntrain.engine.precision import LossScaler
+
+
+def _lr(schedule, step, total=100, spe=10, **kw):
+    cfg = build_config(lr_schedule=schedule, **kw)
+    return lr_at(step, cfg, 1.0, spe, total)
+
+
+def test_warmup_is_linear_then_schedule_starts_at_peak():
+    assert _lr("cosine", 0, warmup_epochs=1) == pytest.approx(0.1)
+    assert _lr("cosine", 9, warmup_epochs=1) == pytest.approx(1.0)
+    assert _lr("cosine", 10, warmup_epochs=1) == pytest.approx(1.0)
+
+
+def test_schedules():
+    assert _lr("constant", 77) == 1.0
+    assert _lr("cosine", 50) == pytest.approx(0.5)
+    assert _lr("cosine", 100) == pytest.approx(0.0)
+    assert _lr("poly", 50) == pytest.approx(0.25)  # (1 - 0.5)^2, nvcnn's power 2
+    assert _lr("step", 35, lr_step_epochs=3) == pytest.approx(0.1)
+    assert _lr("multistep", 55, lr_milestones=[2, 5]) == pytest.approx(0.01)
+    assert _lr("onecycle", 0) == pytest.approx(0.04)
+    assert _lr("onecycle", 25) == pytest.approx(1.0)
+    assert _lr("onecycle", 100) == pytest.approx(0.0)
+
+
+def test_no_decay_group_for_bn_and_bias():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    groups = param_groups(model, 5e-4, decay_bn_bias=False)
+    assert [len(g["params"]) for g in groups] == [1, 3]
+    assert groups[1]["weight_decay"] == 0.0
+
+
+def test_nesterov_option():
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, build_config(optimizer="nesterov"), "cpu")
+    assert opt.param_groups[0]["nesterov"] is True
+
+
+def _larc_case(mode):
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
+    w.grad = torch.tensor([0.6, 0.8])  # ||g|| = 1
+    opt = torch.optim.SGD([{"params": [w], "weight_decay": 0.0, "larc_exclude": False}], lr=0.1)
+    return w, opt
+
+
+@pytest.mark.parametrize("mode,lr,expected_factor", [
+    ("clip", 0.1, min(0.003 * 5 / 1 / 0.1, 1.0)),  # local = 0.015 -> min(0.15, 1)
+    ("clip", 0.001, 1.0),  # local / lr = 15 -> clipped to 1
+    ("scale", 0.1, 0.003 * 5 / 1),
+])
+def test_larc_follows_nvcnn_formulas(mode, lr, expected_factor):
+    w, opt = _larc_case(mode)
+    apply_larc(opt, lr, mode, eta=0.003, eps=0.0)
+    assert torch.allclose(w.grad, torch.tensor([0.6, 0.8]) * expected_factor)
+
+
+def test_larc_folds_weight_decay_and_skips_excluded_groups():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    w.grad, b.grad = torch.zeros(2), torch.tensor([0.5])
+    opt = torch.optim.SGD([{"params": [w], "larc_weight_decay": 0.1, "larc_exclude": False},
+                           {"params": [b], "larc_weight_decay": 0.0, "larc_exclude": True}], lr=1.0)
+    apply_larc(opt, 1.0, "scale", eta=0.003, eps=0.0)
+    g = 0.1 * torch.tensor([3.0, 4.0])  # gradient is pure weight decay, ||g|| = 0.5
+    assert torch.allclose(w.grad, g * (0.003 * 5 / 0.5))
+    assert torch.equal(b.grad, torch.tensor([0.5]))
+
+
+def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_interval():
+    s = LossScaler(1024.0, dynamic=True, growth_interval=3)
+    s.update(found_inf=True)
+    assert s.scale == 512.0 and s.skipped == 1
+    for _ in range(3):
+        s.update(found_inf=False)
+    assert s.scale == 1024.0
+
+
+def test_static_loss_scale_never_changes_but_still_skips():
+    s = LossScaler.for_precision("fp16", static_scale=128)
+    s.update(found_inf=True)
+    assert s.scale == 128 and s.skipped == 1
+    loss = torch.tensor(2.0)
+    assert float(s.scale_loss(loss)) == 256.0
+    g = [torch.tensor([256.0])]
+    s.unscale_(g)
+    assert float(g[0]) == 2.0
+
+
+def test_fp32_scaler_is_identity():
+    s = LossScaler.for_precision("fp32")
+    assert s.scale == 1.0 and not s.dynamic
+    assert math.isclose(float(s.scale_loss(torch.tensor(3.0))), 3.0)
