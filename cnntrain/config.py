@@ -90,7 +90,6 @@ class TrainConfig:
     overlap: bool = True  # all-reduce overlapped with backward (DDP buckets)
     grad_compression: str = "none"  # none | fp16 | bf16 | powersgd
     sync_bn: bool = False
-    accumulate: int = 1  # micro-batches per optimizer step
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,7 +161,7 @@ def validate(cfg: TrainConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} {value!r} is not one of {', '.join(allowed)}"
                               f"{did_you_mean(str(value), allowed)}")
-    positive = ("batch_size", "display_every", "accumulate")
+    positive = ("batch_size", "display_every")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(cfg, key)}")

@@ -58,6 +58,9 @@ class Strategy:
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
 
+    def after_backward(self, params: list[torch.nn.Parameter]) -> None:
+        """Called between backward and the optimizer step (gradient exchange not done by DDP)."""
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 

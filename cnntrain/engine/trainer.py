@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from cnntrain.config import TrainConfig, config_from_dict, save_config
 from cnntrain.data.datasets import DataBundle, load_data
-from cnntrain.data.pipeline import Augment, DeviceLoader
+from cnntrain.data.loaders import build_loaders
 from cnntrain.dist.strategy import Strategy, make_strategy
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import EvalResult, evaluate, main_logits
@@ -161,15 +161,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
-    augment = Augment.from_name(data.augment, cfg.pad, cfg.cutout)
-    train_loader = DeviceLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std,
-                                shuffle=True, seed=cfg.seed, rank=strategy.rank, world_size=world,
-                                augment=augment, drop_last=cfg.drop_last, channels_last=cfg.channels_last)
-    val_loader = None
-    if data.val is not None:
-        val_loader = DeviceLoader(data.val, max(cfg.batch_size, 256), device=device, mean=data.mean,
-                                  std=data.std, shuffle=False, rank=strategy.rank, world_size=world,
-                                  channels_last=cfg.channels_last)
+    train_loader, val_loader = build_loaders(cfg, data, device, strategy.rank, world)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0 or global_batch > len(data.train):
         raise ConfigError(f"--batch-size {cfg.batch_size} x {world} processes is larger than the "
@@ -300,6 +292,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                 output = wrapped(images)
                 loss = loss_fn(output, labels)
             scaler.scale_loss(loss).backward()
+            strategy.after_backward(params)
             grads = [p.grad for p in params if p.grad is not None]
             scaler.unscale_(grads)
             grad_norm = torch.nn.utils.get_total_norm(grads)
