@@ -32,3 +32,12 @@ def test_nnabla_device_alias_and_type_errors():
         build_config(lr="fast")
     with pytest.raises(ConfigError, match="--loss-scale applies to --precision fp16"):
         build_config(loss_scale=128)
+
+
+def test_data_set_defaults_sit_between_the_defaults_and_the_recipe(tmp_path):
+    assert build_config(dataset="mnist").batch_size == 32
+    assert build_config(dataset="mnist", batch_size=100).batch_size == 100
+    assert build_config(dataset="cifar10").batch_size == 128
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: mnist\nbatch-size: 64\n")
+    assert build_config(str(recipe)).batch_size == 64
