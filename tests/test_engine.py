@@ -133,3 +133,20 @@ def test_batch_larger_than_the_data_set_is_a_config_error(tmp_path):
 def test_model_that_cannot_take_the_images_says_so(tmp_path):
     with pytest.raises(ConfigError, match="cannot take images"):
         cnntrain.train(tiny(tmp_path / "m", model="inception_v3"))
+
+
+def test_tensorboard_gets_the_same_scalars_as_metrics_csv(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = cnntrain.train(tiny(tmp_path / "tb", tensorboard=True))
+    events = EventAccumulator(str(result.run_dir / "tb"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/img_per_s", "train/loss_scale", "train/grad_norm",
+            "test/top1_err", "test/top5_err"} <= set(tags["scalars"])
+    assert "train/augmented_samples" in tags["images"]
+    with open(result.run_dir / "metrics.csv") as f:
+        test_rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    logged = events.Scalars("test/top1_err")
+    assert [e.step for e in logged] == [int(r["step"]) for r in test_rows]
+    assert logged[-1].value == pytest.approx(float(test_rows[-1]["top1_err"]), rel=1e-4)

@@ -14,10 +14,24 @@ COLUMNS = ["step", "epoch", "split", "loss", "top1_err", "top5_err", "lr", "img_
 
 
 class MetricsLog:
-    """Appends rows to ``metrics.csv``; on resume, drops rows written after the checkpoint's step."""
+    """Appends rows to ``metrics.csv``; on resume, drops rows written after the checkpoint's step.
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    With ``tensorboard_dir`` every numeric value of every row is also a TensorBoard scalar
+    ``<split>/<column>`` at its step, so the CSV and TensorBoard never disagree.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None) -> None:
         self.path = path
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from cnntrain.errors import ConfigError
+
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install 'cnntrain[tensorboard]'")\
+                    from None
+            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)
         if resume_step is None or not path.exists():
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(COLUMNS)
@@ -38,6 +52,21 @@ class MetricsLog:
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow(values)
             f.flush()
+        if self.tb is not None:
+            for column in COLUMNS[3:]:
+                value = row.get(column)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"{row['split']}/{column}", value, row["step"])
+
+    def add_images(self, tag: str, images, step: int) -> None:
+        """A grid of sample images (float, any range) in TensorBoard, when it is on."""
+        if self.tb is not None:
+            lo, hi = images.amin(), images.amax()
+            self.tb.add_images(tag, (images.float() - lo) / (hi - lo + 1e-8), step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _fmt(value: Any) -> str:

@@ -188,7 +188,13 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         _warn_config_changes(config_from_dict(state["config"]), cfg)
         log.info("resumed from %s at step %d (epoch %.2f)", resume_path, step, step / steps_per_epoch)
 
-    metrics = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume_path else None) if main else None
+    metrics = None
+    if main:
+        metrics = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume_path else None,
+                             tensorboard_dir=run_dir / "tb" if cfg.tensorboard else None)
+        if cfg.tensorboard:
+            sample, _ = next(train_loader.iterate(step // steps_per_epoch))
+            metrics.add_images("train/augmented_samples", sample[:16].float().cpu(), step)
     wrapped = strategy.wrap_model(model)
     if cfg.compile:
         compile_started = time.perf_counter()
@@ -336,6 +342,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                 save(best=is_best)
             window.paused += time.perf_counter() - pause_started
     progress.close()
+    if metrics is not None:
+        metrics.close()
 
     seconds = time.perf_counter() - started
     summary = {
