@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the packaged recipes")
 
+    p = sub.add_parser("report", help="compare runs: a table and a PNG of their validation curves")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--output", default="report.png", help="where to write the PNG")
+
     p = sub.add_parser("data", help="download or verify official data set files")
     p.add_argument("action", choices=("download", "verify"))
     p.add_argument("--dataset", required=True)
@@ -171,7 +175,15 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "recipes": cmd_recipes,
+def cmd_report(args: argparse.Namespace) -> int:
+    from cnntrain.report import report
+
+    print(report(args.runs, args.output))
+    print(f"curves: {args.output}")
+    return 0
+
+
+COMMANDS = {"report": cmd_report, "train": cmd_train, "eval": cmd_eval, "models": cmd_models, "recipes": cmd_recipes,
             "data": cmd_data}
 
 

@@ -86,3 +86,15 @@ def test_data_download_and_verify_against_a_local_server(tmp_path, http_server, 
     (data / "cifar-10-python.tar.gz").write_bytes(b"broken")
     report = official.verify_dataset("cifar10", data)
     assert report[0][1].startswith("corrupt")
+
+
+def test_report_compares_runs_in_a_table_and_a_png(tmp_path, capsys):
+    import cnntrain
+
+    runs = [cnntrain.train(tiny(tmp_path / name, lr=lr)).run_dir for name, lr in (("a", 0.1), ("b", 0.02))]
+    png = tmp_path / "cmp.png"
+    assert main(["report", *map(str, runs), "--output", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("lenet") == 2 and "best top1" in out
+    assert png.stat().st_size > 1000
+    assert main(["report", str(tmp_path)]) == 2  # not a run folder: one-line error
