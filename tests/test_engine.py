@@ -54,8 +54,9 @@ class Crash(Exception):
     pass
 
 
-def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch):
-    options = dict(save_every=3, ema_decay=0.9, label_smoothing=0.1, display_every=5)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch, precision):
+    options = dict(save_every=3, ema_decay=0.9, label_smoothing=0.1, display_every=5, precision=precision)
     full = cnntrain.train(tiny(tmp_path / "full", **options))
     part = tiny(tmp_path / "part", **options)
     real_save = ckpt.save_checkpoint
@@ -150,3 +151,33 @@ def test_tensorboard_gets_the_same_scalars_as_metrics_csv(tmp_path):
     logged = events.Scalars("test/top1_err")
     assert [e.step for e in logged] == [int(r["step"]) for r in test_rows]
     assert logged[-1].value == pytest.approx(float(test_rows[-1]["top1_err"]), rel=1e-4)
+
+
+def test_crash_between_checkpoint_and_manifest_resumes_from_the_previous_one(tmp_path, monkeypatch):
+    options = dict(save_every=3)
+    full = cnntrain.train(tiny(tmp_path / "full", **options))
+    real_write = ckpt._atomic_write
+
+    def die_before_manifest(path, write):
+        if path.name == "step-00000009.json":
+            raise Crash  # the .pt is in place, its manifest never written: an incomplete checkpoint
+        return real_write(path, write)
+
+    monkeypatch.setattr(ckpt, "_atomic_write", die_before_manifest)
+    part = tiny(tmp_path / "part", **options)
+    with pytest.raises(Crash):
+        cnntrain.train(part)
+    monkeypatch.setattr(ckpt, "_atomic_write", real_write)
+    assert ckpt.latest_valid(tmp_path / "part" / "checkpoints").name == "step-00000008.pt"  # the epoch-end one
+    resumed = cnntrain.train({**part, "resume": "auto"})
+    wa, wb = weights(full.run_dir), weights(resumed.run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted_not_trained_on(tmp_path):
+    # A static scale of 1e30 overflows fp16 gradients on every step: nothing may reach the weights.
+    start = cnntrain.train(tiny(tmp_path / "init", max_steps=1, lr=1e-12))
+    result = cnntrain.train(tiny(tmp_path / "s", precision="fp16", loss_scale=1e30, max_steps=6))
+    assert result.summary["skipped_steps"] == 6
+    w0, w1 = weights(start.run_dir), weights(result.run_dir)
+    assert all(torch.allclose(w0[k], w1[k], atol=1e-9) for k in w0 if w0[k].is_floating_point())
