@@ -2,13 +2,19 @@
 
 ``SingleProcess`` runs on one device. ``DataParallel`` is synchronous data parallelism on
 ``torch.distributed``: weights broadcast from rank 0 at wrap time, gradients all-reduced by DDP
-(overlapped with backward in buckets), metrics summed over ranks.
+(overlapped with backward in buckets, optionally compressed by a comm hook) or, with
+``--no-overlap``, in one coalesced all-reduce after backward; metrics summed over ranks. A failed
+collective anywhere in the run becomes a ``DistributedError`` naming the rank and the operation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
+import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,7 +22,10 @@ import torch.nn as nn
 
 from cnntrain.config import TrainConfig
 from cnntrain.dist.env import LaunchEnv, detect_launch, usable_cores
-from cnntrain.errors import ConfigError, DistributedError
+from cnntrain.dist.hooks import all_reduce_mean, broadcast_state, bucket_mb_for, register_compression
+from cnntrain.errors import CnnTrainError, ConfigError, DistributedError
+
+log = logging.getLogger("cnntrain")
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -54,6 +63,7 @@ class Strategy:
     def setup(self) -> None:
         threads = self.cfg.threads or max(1, usable_cores() // max(self.launch.local_world_size, 1))
         torch.set_num_threads(threads)
+        resume_after_restart(self.cfg, self.is_main)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
@@ -82,6 +92,11 @@ class Strategy:
             if self.is_main:
                 self.barrier()
 
+    @contextlib.contextmanager
+    def guard(self):
+        """Wraps the whole training run; distributed strategies translate peer failures here."""
+        yield
+
     def teardown(self) -> None:
         pass
 
@@ -91,7 +106,18 @@ class SingleProcess(Strategy):
 
 
 class DataParallel(Strategy):
+    """Synchronous data parallelism: DDP (overlapped bucketed all-reduce) or, with
+    ``--no-overlap``, one coalesced all-reduce after backward."""
+
     name = "ddp"
+
+    def __init__(self, cfg: TrainConfig, launch: LaunchEnv) -> None:
+        super().__init__(cfg, launch)
+        self.backend = "none"
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+        self._plain: nn.Module | None = None
+        self._op = "setup"
+        self._failed = False
 
     def setup(self) -> None:
         super().setup()
@@ -99,45 +125,152 @@ class DataParallel(Strategy):
         if backend == "auto":
             # nccl reports "available" on CPU-only builds too: choose by the device actually used.
             backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.backend = backend
+        if self.cfg.grad_compression == "powersgd" and not self.cfg.overlap:
+            raise ConfigError("--grad-compression powersgd is a DDP hook: it needs --overlap (drop --no-overlap)")
+        if self.cfg.sync_bn and self.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel): "
+                              "drop --sync-bn on CPU")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        os.environ.setdefault("MASTER_ADDR", self.launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(self.launch.master_port))
+        # The launch env already ranks flags over the launcher's variables over defaults.
+        os.environ["MASTER_ADDR"] = self.launch.master_addr
+        os.environ["MASTER_PORT"] = str(self.launch.master_port)
         try:
             dist.init_process_group(
                 backend, init_method="env://", rank=self.rank, world_size=self.world_size,
                 timeout=datetime.timedelta(seconds=self.cfg.dist_timeout))
         except Exception as exc:  # noqa: BLE001 - c10d raises several types for the same cause
+            self._failed = True
             raise DistributedError(
-                f"rank {self.rank}: could not join the process group at "
-                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
-                f"{self.cfg.dist_timeout:.0f} s: {str(exc).splitlines()[0]}") from None
+                f"rank {self.rank} of {self.world_size} ({self.launch.launcher}): could not complete the "
+                f"rendezvous at {self.launch.master_addr}:{self.launch.master_port} within "
+                f"{self.cfg.dist_timeout:.0f} s (--dist-timeout); a peer did not join or the address is wrong: "
+                f"{str(exc).splitlines()[0]}") from None
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if self.cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if not self.cfg.overlap:
+            with self.collective("broadcast of the initial weights"):
+                broadcast_state(model)
+            self._plain = model
+            return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=ids, bucket_cap_mb=self.cfg.bucket_mb, gradient_as_bucket_view=True)
+        bucket = bucket_mb_for(model, self.cfg.grad_compression, self.backend, self.cfg.bucket_mb)
+        with self.collective("broadcast of the initial weights (DDP)"):
+            ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, bucket_cap_mb=bucket, gradient_as_bucket_view=True)
+        register_compression(ddp, self.cfg.grad_compression)
+        # DDP's all-reduce runs inside forward/backward: name it for errors raised there.
+        ddp.register_forward_pre_hook(lambda *_: setattr(self, "_op", "DDP forward/backward (gradient all-reduce)"))
+        self._ddp = ddp
+        return ddp
+
+    def after_backward(self, params: list[torch.nn.Parameter]) -> None:
+        if self._plain is None:
+            return
+        with self.collective("all-reduce of gradients (--no-overlap)"):
+            all_reduce_mean([p.grad for p in params if p.grad is not None], self.world_size,
+                            self.cfg.grad_compression)
+            # DDP broadcasts buffers (BatchNorm statistics) from rank 0 each step; do the same.
+            buffers = list(self._plain.buffers())
+            if buffers:
+                broadcast_state(_Buffers(buffers))
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with self.collective("all-reduce of metrics"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def broadcast_from_main(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(tensor, src=0)
+        with self.collective("broadcast from rank 0"):
+            dist.broadcast(tensor, src=0)
         return tensor
 
     def barrier(self) -> None:
-        dist.barrier()
+        with self.collective("barrier"):
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def collective(self, op: str):
+        """Name the collective ``op`` for errors raised inside the block."""
+        self._op = op
+        yield
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Turn a collective failure anywhere in the block into a ``DistributedError`` naming this
+        rank and the operation that failed (a dead or stalled peer)."""
+        try:
+            yield
+        except BaseException as exc:
+            # Any failure on this rank: skip the exit barrier, which would pair with whatever
+            # collective the peers are in (mismatched, or a wait for --dist-timeout).
+            self._failed = True
+            if isinstance(exc, CnnTrainError) or not is_collective_failure(exc):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {self._op} failed ({type(exc).__name__}: {first[:300]}); "
+                f"a peer died, was killed or stalled longer than --dist-timeout {self.cfg.dist_timeout:.0f} s: "
+                f"see the other ranks' output") from exc
 
     def teardown(self) -> None:
-        if dist.is_initialized():
-            # A barrier before destroying the group avoids gloo aborting at exit (seen on 2.14).
-            try:
+        # Drop DDP first, then barrier, then destroy: without this gloo sometimes aborts at exit
+        # (SIGABRT, torch 2.14). After a failure a barrier would only wait on the dead peer.
+        self._ddp = self._plain = None
+        gc.collect()
+        if not dist.is_initialized():
+            return
+        try:
+            if not self._failed:
                 dist.barrier()
-            finally:
-                dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - never mask the error that ended training
+            log.warning("rank %d: barrier at exit failed: %s", self.rank, str(exc).splitlines()[0])
+        finally:
+            dist.destroy_process_group()
+
+
+class _Buffers(nn.Module):
+    """Holds tensors as buffers so ``broadcast_state`` can send them in one message."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"b{i}", t, persistent=False)
+
+
+_COLLECTIVE_WORDS = ("gloo", "nccl", "connection", "peer", "timed out", "timeout", "socket", "c10d",
+                     "processgroup", "broken pipe", "store")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a failed collective or store (c10d raises plain RuntimeErrors too)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _COLLECTIVE_WORDS)
+
+
+def resume_after_restart(cfg: TrainConfig, main: bool) -> None:
+    """Under an elastic launcher that may restart workers, continue from the newest valid
+    checkpoint in ``--run-dir`` when there is one. Decided by the checkpoint, not by
+    TORCHELASTIC_RESTART_COUNT: a membership change restarts workers without bumping it."""
+    if cfg.resume or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) <= 0:
+        return
+    if not cfg.run_dir:
+        if main:
+            log.warning("elastic restarts are on but --run-dir is not given: a restarted job cannot find "
+                        "its checkpoints and starts over; pass --run-dir")
+        return
+    from cnntrain.engine.checkpoint import latest_valid  # dist stays importable without the engine
+
+    found = latest_valid(Path(cfg.run_dir) / "checkpoints", quiet=True)
+    if found is not None:
+        cfg.resume = "auto"
+        if main:
+            log.info("elastic launch (restart %s): resuming from %s",
+                     os.environ.get("TORCHELASTIC_RESTART_COUNT", "?"), found)
 
 
 def make_strategy(cfg: TrainConfig, launch: LaunchEnv | None = None) -> Strategy:
