@@ -11,6 +11,7 @@ import torch
 
 from cnntrain.config import TrainConfig
 from cnntrain.data.base import ArrayDataset
+from cnntrain.data.streaming import StreamDataset
 from cnntrain.errors import ConfigError, DataError, did_you_mean
 
 log = logging.getLogger("cnntrain")
@@ -22,8 +23,8 @@ VAL_SPLIT_SEED = 20150  # fixed, so every run holds out the same validation imag
 class DataBundle:
     """What the engine needs to know about a data set."""
 
-    train: ArrayDataset
-    val: ArrayDataset | None
+    train: ArrayDataset | StreamDataset
+    val: ArrayDataset | StreamDataset | None
     val_name: str  # "val" (held out of train) or "test"
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -66,10 +67,42 @@ def _cifar(cfg: TrainConfig, num_classes: int):
     return load_cifar(root, True, **kw), load_cifar(root, False, **kw), stats, "crop-flip"
 
 
+def _stream_size(cfg: TrainConfig) -> int:
+    """Crop side for streamed sets: --image-size, else the model's own input size (299 for Inception V3)."""
+    from cnntrain.models import get_spec
+
+    return cfg.image_size or get_spec(cfg.model).input_size[1]
+
+
+def _stream_folder(cfg: TrainConfig):
+    from cnntrain.data.folder import find_split
+    from cnntrain.data.streaming import IMAGENET_STATS, folder_dataset
+
+    root, size = Path(cfg.data_dir), _stream_size(cfg)
+    train = folder_dataset(root / "train", size, min_scale=cfg.min_crop_scale)
+    split = find_split(root)
+    test = folder_dataset(root / split, size, train.classes) if split else None
+    return train, test, IMAGENET_STATS, "random-resized-crop"
+
+
+def _tfrecord(cfg: TrainConfig):
+    from cnntrain.data.streaming import IMAGENET_STATS
+    from cnntrain.data.tfrecord import shard_paths, tfrecord_dataset
+
+    root, size = Path(cfg.data_dir), _stream_size(cfg)
+    train = tfrecord_dataset(root, "train", size, min_scale=cfg.min_crop_scale)
+    test = tfrecord_dataset(root, "validation", size, train.classes) if shard_paths(root, "validation") else None
+    return train, test, IMAGENET_STATS, "random-resized-crop"
+
+
 def _folder(cfg: TrainConfig):
     from cnntrain.data.folder import find_split, load_image_folder
+    from cnntrain.data.streaming import needs_streaming
 
     root = Path(cfg.data_dir)
+    # Small same-size images (CIFAR-like) fit in memory and train faster there; photos do not.
+    if cfg.pipeline == "stream" or (cfg.pipeline == "auto" and needs_streaming(root / "train")):
+        return _stream_folder(cfg)
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
     train = load_image_folder(root, "train", size=size)
     split = find_split(root)
@@ -99,6 +132,8 @@ LOADERS: dict[str, Callable] = {
     "cifar10": lambda cfg: _cifar(cfg, 10),
     "cifar100": lambda cfg: _cifar(cfg, 100),
     "folder": _folder,
+    "imagenet": _stream_folder,  # train/<wnid>/*.JPEG + val/<wnid>/*.JPEG, always streamed
+    "tfrecord": _tfrecord,  # train-* / validation-* shards with image/encoded, 1-based image/class/label
     "synthetic": _synthetic,
 }
 
@@ -117,7 +152,7 @@ def load_data(cfg: TrainConfig) -> DataBundle:
     if cfg.val_split:
         train, val = hold_out(train, cfg.val_split)
         val_name = "val"
-    if cfg.augment != "auto":
+    if cfg.augment != "auto" and augment != "random-resized-crop":  # streamed sets crop per image
         augment = cfg.augment
     check_labels(train)
     if val is not None:

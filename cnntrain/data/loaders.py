@@ -12,11 +12,14 @@ import torch
 from cnntrain.config import TrainConfig
 from cnntrain.data.datasets import DataBundle
 from cnntrain.data.pipeline import Augment, DeviceLoader
+from cnntrain.data.streaming import StreamDataset, StreamLoader, balance_threads, default_workers
 
 
 def build_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, rank: int = 0,
                   world_size: int = 1) -> tuple[DeviceLoader, DeviceLoader | None]:
     """(train, val) batch sources for ``data``; val is None when the set has no held-out split."""
+    if isinstance(data.train, StreamDataset):
+        return build_stream_loaders(cfg, data, device, rank, world_size)
     augment = Augment.from_name(data.augment, cfg.pad, cfg.cutout)
     train = DeviceLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std,
                          shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, augment=augment,
@@ -26,3 +29,43 @@ def build_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, rank
         val = DeviceLoader(data.val, max(cfg.batch_size, 256), device=device, mean=data.mean, std=data.std,
                            shuffle=False, rank=rank, world_size=world_size, channels_last=cfg.channels_last)
     return train, val
+
+
+def _local_world_size(world_size: int) -> int:
+    import os
+
+    # torchrun / mpirun say how many ranks share this machine; they share its cores too.
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return world_size
+
+
+def build_stream_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, rank: int = 0,
+                         world_size: int = 1) -> tuple[StreamLoader, StreamLoader | None]:
+    """(train, val) :class:`StreamLoader` s with ``--workers`` processes each (auto: see
+    :func:`default_workers`); intra-op threads are lowered so workers + threads fit the cores."""
+    local = _local_world_size(world_size)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(device.type, local)
+    balance_threads(workers, cfg.threads, local)
+    train = StreamLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std, shuffle=True,
+                         seed=cfg.seed, rank=rank, world_size=world_size, workers=workers,
+                         drop_last=cfg.drop_last, channels_last=cfg.channels_last)
+    val = None
+    if data.val is not None:
+        val = build_eval_loader(cfg, data.val, device, data.mean, data.std, rank, world_size, workers)
+    return train, val
+
+
+def build_eval_loader(cfg: TrainConfig, data, device: torch.device, mean, std, rank: int = 0,
+                      world_size: int = 1, workers: int | None = None) -> DeviceLoader | StreamLoader:
+    """An evaluation loader over ``data`` (in memory or streamed): every image once across ranks."""
+    batch = max(cfg.batch_size, 256)
+    if isinstance(data, StreamDataset):
+        if workers is None:
+            workers = cfg.workers if cfg.workers >= 0 else default_workers(device.type, _local_world_size(world_size))
+        # Decoded full-size crops are large: keep eval batches at the training size.
+        return StreamLoader(data, cfg.batch_size, device=device, mean=mean, std=std, shuffle=False, rank=rank,
+                            world_size=world_size, workers=workers, channels_last=cfg.channels_last)
+    return DeviceLoader(data, batch, device=device, mean=mean, std=std, shuffle=False, rank=rank,
+                        world_size=world_size, channels_last=cfg.channels_last)

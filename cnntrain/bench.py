@@ -1,0 +1,206 @@
+"""``cnntrain bench``: training throughput of one model, or of the input pipeline alone.
+
+    cnntrain bench --model resnet50 --synthetic --batch-size 32 --steps 10 --warmup 3
+    cnntrain bench --model resnet50 --synthetic --precision bf16 --json
+    cnntrain bench --data-only --data-dir photos/ --batch-size 32 --steps 20     # decoded img/s
+
+Each timed step is split into data wait / forward / backward / optimizer. On CUDA the device is
+synchronised at each phase boundary, so the split is exact but the total is slightly pessimistic
+(no overlap of host and device work). img/s is images per mean step time +- its standard
+error; the warm-up steps (allocator, cuDNN autotuning, page faults) are not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cnntrain.engine.precision import autocast
+from cnntrain.errors import ConfigError
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+@dataclass
+class BenchResult:
+    model: str
+    batch_size: int
+    precision: str
+    device: str
+    steps: int
+    img_per_s: float  # mean batch / mean step time over the timed steps
+    img_per_s_stderr: float  # its standard error
+    phase_ms: dict[str, float] = field(default_factory=dict)  # mean milliseconds per step, by phase
+    peak_memory_mb: float = 0.0  # CUDA: max allocated; CPU: peak resident set of the process
+    threads: int = 0
+    workers: int = 0
+    data: str = "synthetic"
+    torch_version: str = torch.__version__
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def describe(self) -> str:
+        what = "input pipeline only" if self.model == "-" else f"{self.model} {self.precision}"
+        lines = [f"{what} on {self.device} ({self.data}), batch {self.batch_size}, {self.steps} timed steps, "
+                 f"{self.threads} threads, {self.workers} workers, torch {self.torch_version}",
+                 f"throughput  {self.img_per_s:.1f} +- {self.img_per_s_stderr:.1f} img/s (+- s.e.)"]
+        total = sum(self.phase_ms.values())
+        if total:
+            split = " | ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in self.phase_ms.items())
+            lines.append(f"step {total:.1f} ms: {split}")
+        lines.append(f"peak memory {self.peak_memory_mb:.0f} MiB")
+        return "\n".join(lines)
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def _rate(counts: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Images per second as mean batch / mean step time, +- its standard error (propagated from the
+    time's). nvcnn averages per-step rates instead; that overstates throughput when a few steps are
+    fast (prefetched batches, a momentarily idle shared machine), since the mean of 1/t exceeds 1/mean t."""
+    t_mean, t_err = _mean_stderr(seconds)
+    rate = sum(counts) / len(counts) / t_mean
+    return rate, rate * t_err / t_mean
+
+
+def _device(name: str) -> torch.device:
+    if name in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda":
+        raise ConfigError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+    return torch.device("cpu")
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _stream_loader(data_dir: str, size: int, batch_size: int, device: torch.device, workers: int):
+    from cnntrain.data.folder import find_split
+    from cnntrain.data.streaming import IMAGENET_STATS, StreamLoader, balance_threads, default_workers, folder_dataset
+
+    root = Path(data_dir)
+    split = root / "train" if (root / "train").is_dir() else root / (find_split(root) or "")
+    data = folder_dataset(split, size)
+    workers = workers if workers >= 0 else default_workers(device.type)
+    balance_threads(workers, 0)
+    mean, std = IMAGENET_STATS
+    return StreamLoader(data, batch_size, device=device, mean=mean, std=std, shuffle=True, workers=workers), workers
+
+
+def _batches(loader):
+    epoch = 0
+    while True:
+        yield from loader.iterate(epoch)
+        epoch += 1
+
+
+def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, warmup: int = 3,
+          precision: str = "fp32", data_dir: str | None = None, data_only: bool = False, device: str = "auto",
+          image_size: int = 0, workers: int = -1, threads: int = 0, channels_last: bool = True,
+          num_classes: int = 1000) -> BenchResult:
+    """Time ``steps`` training steps (after ``warmup`` untimed ones) of ``model`` on synthetic data
+    (``data_dir=None``) or on the folder ``data_dir`` (streamed); ``data_only`` times the input
+    pipeline alone (decode + crop + flip + transfer)."""
+    from cnntrain.models import create_model, get_spec
+
+    if steps < 2:
+        raise ConfigError("--steps must be at least 2 to give a standard error")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = _device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    size = image_size or (get_spec(model).input_size[1] if not data_only else 224)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    used_workers = 0
+    loader = None
+    if data_dir:
+        loader, used_workers = _stream_loader(data_dir, size, batch_size, dev, workers)
+    elif data_only:
+        raise ConfigError("--data-only needs --data-dir (a folder of images)")
+
+    if data_only:
+        counts, times = [], []
+        batches = _batches(loader)
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            images, _ = next(batches)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                counts.append(images.shape[0])
+        rate, err = _rate(counts, times)
+        return BenchResult("-", batch_size, "-", str(dev), steps, rate, err, {"data": 1000 * sum(times) / steps},
+                           _peak_mb(dev), torch.get_num_threads(), used_workers, f"folder {data_dir}")
+
+    net = create_model(model, num_classes).to(dev).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    channels = get_spec(model).input_size[0]
+    fixed = (torch.randn(batch_size, channels, size, size, generator=g).to(dev, memory_format=memory_format),
+             torch.randint(0, num_classes, (batch_size,), generator=g).to(dev))
+    batches = _batches(loader) if loader is not None else None
+    phases: dict[str, list[float]] = {k: [] for k in PHASES}
+    counts, totals = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        images, labels = next(batches) if batches is not None else fixed
+        sync()
+        t1 = time.perf_counter()
+        with autocast(precision, dev.type):
+            output = net(images)
+            logits = output if isinstance(output, torch.Tensor) else output[0]
+            loss = loss_fn(logits, labels)
+        sync()
+        t2 = time.perf_counter()
+        scaler.scale(loss).backward()
+        sync()
+        t3 = time.perf_counter()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[name].append(dt)
+            counts.append(labels.shape[0])
+            totals.append(t4 - t0)
+    rate, err = _rate(counts, totals)
+    phase_ms = {k: 1000 * sum(v) / len(v) for k, v in phases.items()}
+    return BenchResult(model, batch_size, precision, str(dev), steps, rate, err, phase_ms, _peak_mb(dev),
+                       torch.get_num_threads(), used_workers, f"folder {data_dir}" if data_dir else "synthetic")
+
+
+def machine_line() -> str:
+    """CPU model, cores and torch version, for BENCHMARKS.md rows."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"

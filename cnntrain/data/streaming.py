@@ -1,0 +1,316 @@
+"""The streaming pipeline for sets too large (or too varied in size) to decode into memory.
+
+DataLoader workers read and decode each image (from a file or a TFRecord shard), crop and flip it
+on the host as uint8; normalisation happens on the training device. The interface is the one
+:class:`cnntrain.data.pipeline.DeviceLoader` has, so the engine does not know which it got:
+
+- the global batch of step ``s`` of epoch ``e`` is ``perm(seed, e)[s*B*W:(s+1)*B*W]``, and rank
+  ``r`` takes its ``r``-th slice, so ranks see disjoint images and ``len()`` is equal on all;
+- each image's crop and flip come from ``mix_seed(seed, epoch, index)``, not from a worker's RNG,
+  so the batches do not depend on the number of workers and a resumed run sees the same pixels;
+- evaluation gives rank ``r`` a contiguous ``1/W`` of the set: every image scored exactly once.
+
+A file that cannot be decoded is skipped inside the worker (never a crash there) and counted; the
+count is logged at the end of each pass.
+
+    cnntrain train --dataset imagenet --data-dir /data/imagenet -n resnet50 --workers 8
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cnntrain.data.folder import _to_rgb
+from cnntrain.data.pipeline import mix_seed
+
+log = logging.getLogger("cnntrain")
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+EVAL_RESIZE_RATIO = 256 / 224  # resize-256 / centre-crop-224; gives 342 / 299 for Inception V3
+
+
+@dataclass
+class StreamDataset:
+    """A list of samples read lazily: ``items[i]`` is a file path, or ``(shard, offset)`` of a
+    TFRecord record. ``labels`` int64 [N] in [0, classes); ``shape`` is the crop (3, S, S)."""
+
+    items: list
+    labels: torch.Tensor
+    classes: list[str]
+    image_size: int
+    source: str = ""
+    train: bool = True  # random crop + flip (True) or resize + centre crop (False)
+    min_scale: float = 0.08  # smallest crop area, as a fraction of the image (RandomResizedCrop)
+    _files: dict = field(default_factory=dict, repr=False)  # open shard handles, per worker process
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def subset(self, index: torch.Tensor) -> StreamDataset:
+        idx = index.tolist()
+        return StreamDataset([self.items[i] for i in idx], self.labels[index], list(self.classes),
+                             self.image_size, self.source, self.train, self.min_scale)
+
+    def as_eval(self) -> StreamDataset:
+        """The same samples with the evaluation transform."""
+        return StreamDataset(self.items, self.labels, self.classes, self.image_size, self.source, False,
+                             self.min_scale)
+
+    def read(self, i: int) -> bytes:
+        """The encoded bytes of sample ``i`` (CRC-checked for TFRecord)."""
+        item = self.items[i]
+        if isinstance(item, tuple):
+            from cnntrain.data.tfrecord import example_image_label, read_record_at
+
+            shard, offset = item
+            # Keyed by process: a handle inherited through fork shares its file offset with the parent.
+            key = (os.getpid(), shard)
+            handle = self._files.get(key)
+            if handle is None:
+                handle = self._files[key] = open(shard, "rb")  # noqa: SIM115 - kept open for reuse
+            where = f"{shard}: record at byte {offset}"
+            return example_image_label(read_record_at(handle, offset, shard, f"at byte {offset}"), where)[0]
+        return Path(item).read_bytes()
+
+    def load(self, i: int, seed: int) -> torch.Tensor | None:
+        """Sample ``i`` as uint8 [3, S, S], or None when it cannot be decoded."""
+        try:
+            data = self.read(i)
+            with Image.open(io.BytesIO(data)) as image:
+                if not self.train and image.format == "JPEG":
+                    # libjpeg can decode at 1/2..1/8 scale: much faster when the image is large.
+                    resize = round(self.image_size * EVAL_RESIZE_RATIO)
+                    image.draft("RGB", (resize, resize))
+                image.load()
+                image = _to_rgb(image)
+                out = random_resized_crop(image, self.image_size, random.Random(seed), self.min_scale) \
+                    if self.train else resize_centre_crop(image, self.image_size)
+            return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
+        except Exception as exc:  # noqa: BLE001 - a bad image must not kill a worker; it is counted
+            log.debug("skipping sample %s: %s", self.items[i], exc)
+            return None
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: random.Random, min_scale: float = 0.08,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop (area in [min_scale, 1], aspect in ``ratio``) + a random
+    horizontal flip, drawing from ``rng`` so the result is a function of the seed alone."""
+    width, height = image.size
+    area = width * height
+    box = None
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            box = (left, top, left + w, top + h)
+            break
+    if box is None:  # fall back to a centre crop at the nearest allowed aspect, as torchvision does
+        aspect = width / height
+        w, h = (width, round(width / ratio[0])) if aspect < ratio[0] else \
+            (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height)
+        w, h = min(w, width), min(h, height)
+        left, top = (width - w) // 2, (height - h) // 2
+        box = (left, top, left + w, top + h)
+    out = image.resize((size, size), Image.BILINEAR, box=box)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
+
+
+def resize_centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size * 256/224``, then the central ``size`` x ``size`` square."""
+    resize = round(size * EVAL_RESIZE_RATIO)
+    width, height = image.size
+    scale = resize / min(width, height)
+    w, h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((w, h), Image.BILINEAR)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Worker-side view: item ``(i, seed)`` -> (uint8 image or None, label)."""
+
+    def __init__(self, data: StreamDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, seed = key
+        return self.data.load(i, seed), int(self.data.labels[i])
+
+
+def _collate(items: Sequence[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    good = [(x, y) for x, y in items if x is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), skipped
+
+
+def _worker_init(_: int) -> None:
+    # Each worker decodes one image at a time; more intra-op threads would only oversubscribe cores.
+    torch.set_num_threads(1)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(device_type: str, local_world_size: int = 1) -> int:
+    """Workers per rank. On GPU the host only feeds data: all but one core decode. On CPU the model
+    needs cores too: half decode, half compute (see :func:`balance_threads`)."""
+    cores = max(1, usable_cores() // max(local_world_size, 1))
+    return min(16, max(1, cores - 1)) if device_type == "cuda" else min(8, max(1, cores // 2))
+
+
+def balance_threads(workers: int, explicit_threads: int, local_world_size: int = 1) -> None:
+    """Keep intra-op threads + workers <= cores (unless ``--threads`` was given explicitly)."""
+    if explicit_threads or workers == 0:
+        return
+    cores = max(1, usable_cores() // max(local_world_size, 1))
+    torch.set_num_threads(max(1, cores - workers))
+
+
+class StreamLoader:
+    """Batches of a :class:`StreamDataset`, normalised floats on ``device`` (see the module doc)."""
+
+    def __init__(self, data: StreamDataset, batch_size: int, *, device: torch.device, mean, std, shuffle: bool,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0, drop_last: bool = False,
+                 channels_last: bool = False, prefetch: int = 2) -> None:
+        self.data = data if shuffle else data.as_eval()
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.workers = workers
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self.prefetch = prefetch
+        self.skipped = 0  # undecodable samples met so far (summed over passes)
+        shape = (1, -1, 1, 1)
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(device)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape).to(device)
+        total = len(data)
+        self._eval_range = (total * rank // world_size, total * (rank + 1) // world_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        """Steps per epoch (identical on every rank)."""
+        if not self.shuffle:
+            lo, hi = self._eval_range
+            return -(-(hi - lo) // self.batch_size)
+        full, rest = divmod(len(self.data), self.global_batch)
+        keep_rest = rest and not self.drop_last and rest // self.world_size >= 2
+        return full + (1 if keep_rest else 0)
+
+    def step_indices(self, epoch: int, step: int) -> list[int]:
+        """This rank's sample indices at ``step`` of ``epoch``."""
+        if not self.shuffle:
+            lo, hi = self._eval_range
+            begin = lo + step * self.batch_size
+            return list(range(begin, min(begin + self.batch_size, hi)))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        perm = torch.randperm(len(self.data), generator=g)
+        chunk = perm[step * self.global_batch:(step + 1) * self.global_batch]
+        return torch.tensor_split(chunk, self.world_size)[self.rank].tolist()
+
+    def _batch_keys(self, epoch: int, start_step: int) -> list[list[tuple[int, int]]]:
+        steps = range(start_step, len(self))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            perm = torch.randperm(len(self.data), generator=g)
+            out = []
+            for s in steps:
+                chunk = perm[s * self.global_batch:(s + 1) * self.global_batch]
+                idx = torch.tensor_split(chunk, self.world_size)[self.rank].tolist()
+                out.append([(i, mix_seed(self.seed, epoch, i)) for i in idx])
+            return out
+        return [[(i, 0) for i in self.step_indices(epoch, s)] for s in steps]
+
+    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images, labels) on the device for steps ``start_step..`` of ``epoch``."""
+        keys = self._batch_keys(epoch, start_step)
+        if not keys:
+            return
+        loader = torch.utils.data.DataLoader(
+            _Batches(self.data), batch_sampler=keys, num_workers=self.workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if self.workers else None,
+            prefetch_factor=self.prefetch if self.workers else None,
+            multiprocessing_context="fork" if self.workers and hasattr(os, "fork") else None)
+        skipped = 0
+        for images, labels, bad in loader:
+            skipped += bad
+            if labels.numel() == 0:
+                continue
+            yield self._finish(images), labels.to(self.device, non_blocking=True)
+        self.skipped += skipped
+        if skipped:
+            log.warning("%s: skipped %d unreadable or corrupt image(s) in this pass (%s)", self.data.source,
+                        skipped, f"epoch {epoch}" if self.shuffle else "evaluation")
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).to(torch.float32).mul_(self.scale).add_(self.shift)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def folder_dataset(split_dir: str | os.PathLike, image_size: int, classes: Sequence[str] | None = None,
+                   min_scale: float = 0.08) -> StreamDataset:
+    """A :class:`StreamDataset` of ``split_dir/<class>/<image>``; zero-byte files are left out now."""
+    from cnntrain.data.folder import scan_image_folder
+
+    samples, names = scan_image_folder(split_dir, classes)
+    kept = [(p, y) for p, y in samples if p.stat().st_size > 0]
+    if len(kept) < len(samples):
+        log.warning("%s: skipped %d empty (zero-byte) file(s)", split_dir, len(samples) - len(kept))
+    labels = torch.tensor([y for _, y in kept], dtype=torch.int64)
+    return StreamDataset([str(p) for p, _ in kept], labels, names, image_size, str(split_dir), min_scale=min_scale)
+
+
+def needs_streaming(split_dir: str | os.PathLike, limit: int = 64, probe: int = 64) -> bool:
+    """True when the first ``probe`` images of a folder differ in size or exceed ``limit`` pixels:
+    then decoding all of them into one tensor would either fail or waste memory."""
+    from cnntrain.data.folder import scan_image_folder
+
+    samples, _ = scan_image_folder(split_dir)
+    sizes = set()
+    step = max(1, len(samples) // probe)  # spread over the classes, not the first class only
+    for path, _ in samples[::step][:probe]:
+        try:
+            with Image.open(path) as image:  # reads the header only
+                sizes.add(image.size)
+        except Exception:  # noqa: BLE001, S112 - unreadable files are counted later by whichever pipeline
+            continue
+    return len(sizes) > 1 or any(max(s) > limit for s in sizes)
