@@ -127,3 +127,22 @@ def test_unknown_model_suggests_a_name() -> None:
         create_model("xceptoin", num_classes=10)
     with pytest.raises(ConfigError, match="unknown model"):
         get_spec("no-such-network-at-all")
+
+
+def test_fastnet_whitening_decorrelates_patches():
+    import torch
+
+    from cnntrain.models import create_model
+
+    net = create_model("fastnet", 10)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 1, 16, 16, generator=g)
+    images = torch.cat([base, 0.7 * base + 0.3 * torch.randn(64, 1, 16, 16, generator=g),
+                        torch.randn(64, 1, 16, 16, generator=g)], dim=1)  # correlated channels
+    net.init_from_data(images)
+    out = net.whiten(images)[:, :12] - net.whiten.bias[:12, None, None]  # first half: the eigen-filters
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(flat.T)
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert not net.whiten.weight.requires_grad
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

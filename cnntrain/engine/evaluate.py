@@ -49,7 +49,7 @@ def main_logits(output) -> torch.Tensor:
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, *,
              precision: str = "fp32", device: torch.device | None = None,
              all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             confusion: bool = False) -> EvalResult:
+             confusion: bool = False, tta_flip: bool = False) -> EvalResult:
     """Score ``model`` on ``batches``; ``all_reduce`` sums the counters over ranks when given."""
     was_training = model.training
     model.eval()
@@ -62,6 +62,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         for images, labels in batches:
             with autocast(precision, device.type):
                 logits = main_logits(model(images)).float()
+                if tta_flip:
+                    logits = (logits + main_logits(model(images.flip(3))).float()) / 2
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
             top = logits.topk(k, dim=1).indices
             correct5 += (top == labels[:, None]).any(dim=1).sum()
