@@ -100,7 +100,7 @@ def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
 
     ``overrides`` change the stored config (e.g. ``data_dir=``, ``batch_size=``, ``device=``)."""
     from cnntrain.data.datasets import load_data
-    from cnntrain.data.pipeline import DeviceLoader
+    from cnntrain.data.loaders import build_eval_loader
     from cnntrain.dist.strategy import make_strategy
     from cnntrain.engine.evaluate import evaluate as score
 
@@ -115,10 +115,9 @@ def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
         model = load(path, strategy.device)
         mean = meta.get("mean") or data.mean
         std = meta.get("std") or data.std
-        loader = DeviceLoader(data.val, max(cfg.batch_size, 256), device=strategy.device, mean=mean, std=std,
-                              shuffle=False, rank=strategy.rank, world_size=strategy.world_size)
+        loader = build_eval_loader(cfg, data.val, strategy.device, mean, std, strategy.rank, strategy.world_size)
         return score(model, loader.iterate(0), data.num_classes, precision=cfg.precision,
-                     device=strategy.device, confusion=True,
+                     device=strategy.device, confusion=True, tta_flip=cfg.tta_flip,
                      all_reduce=strategy.all_reduce_sum if strategy.world_size > 1 else None)
     finally:
         strategy.teardown()

@@ -13,12 +13,14 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import os
 import re
 import sys
 import typing
 
 from cnntrain.config import CHOICES, DEVICE_ALIASES, TrainConfig, build_config
-from cnntrain.errors import CnnTrainError
+from cnntrain.dist.launch import add_launch_flags
+from cnntrain.errors import CnnTrainError, ConfigError
 
 log = logging.getLogger("cnntrain")
 
@@ -80,9 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model", description="Train a model. Flags override --config.")
     p.add_argument("--config", "--recipe", dest="recipe", help="YAML recipe: a file or a packaged recipe name")
     add_config_flags(p)
+    add_launch_flags(p)
 
     p = sub.add_parser("eval", help="evaluate a run, checkpoint or model.safetensors")
-    p.add_argument("--checkpoint", "-m", required=True, help="run folder, checkpoint .pt or .safetensors")
+    p.add_argument("--checkpoint", "-m", help="run folder, checkpoint .pt or .safetensors")
+    p.add_argument("--watch", metavar="RUN_DIR", help="score each new checkpoint of a run into its metrics.csv; "
+                   "exit when the run writes summary.json")
+    p.add_argument("--poll", type=float, default=10.0, help="--watch: seconds between looks")
     p.add_argument("--data-dir", help="where the data set is (default: as trained)")
     p.add_argument("--batch-size", "-b", type=int)
     p.add_argument("--device", "-c", choices=(*CHOICES["device"], *DEVICE_ALIASES))
@@ -99,17 +105,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="report.png", help="where to write the PNG")
 
     p = sub.add_parser("data", help="download or verify official data set files")
-    p.add_argument("action", choices=("download", "verify"))
-    p.add_argument("--dataset", required=True)
+    p.add_argument("action", choices=("download", "verify", "prepare"))
+    p.add_argument("paths", nargs="*", help="prepare: SRC DEST; verify without --dataset: a shard folder")
+    p.add_argument("--dataset", help="official data set to download / verify")
     p.add_argument("--data-dir", default="data")
+    p.add_argument("--shards", type=int, default=8, help="prepare: shards per split")
+    p.add_argument("--resize", type=int, default=0, help="prepare: shrink the shorter side to this (0: keep)")
+    p.add_argument("--format", choices=("tfrecord", "tar"), default="tfrecord", help="prepare: shard format")
+    _add_tool_parsers(sub)
     return parser
+
+
+def _add_tool_parsers(sub) -> None:
+    """predict / export / bench."""
+    p = sub.add_parser("predict", help="top-k classes of images with a trained model")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", "-m", required=True, help="run folder, checkpoint .pt or .safetensors")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", "-c", default="cpu", choices=(*CHOICES["device"], *DEVICE_ALIASES))
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+
+    p = sub.add_parser("export", help="export weights as safetensors or ONNX")
+    p.add_argument("--checkpoint", "-m", required=True, help="run folder, checkpoint .pt or .safetensors")
+    p.add_argument("--format", choices=("safetensors", "onnx"), required=True)
+    p.add_argument("--output", "-O", required=True, help="file to write")
+
+    p = sub.add_parser("bench", help="training or input-pipeline throughput")
+    p.add_argument("--model", "-n", default="resnet50")
+    p.add_argument("--batch-size", "-b", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--precision", choices=CHOICES["precision"], default="fp32")
+    p.add_argument("--synthetic", action="store_true", help="random tensors (the default without --data-dir)")
+    p.add_argument("--data-dir", help="an image folder (root/train/<class>/...): streamed as in training")
+    p.add_argument("--data-only", action="store_true", help="time the input pipeline alone (decoded img/s)")
+    p.add_argument("--image-size", type=int, default=0, help="crop side (default: the model's input size)")
+    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: auto)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
+    p.add_argument("--device", "-c", default="auto", choices=(*CHOICES["device"], *DEVICE_ALIASES))
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cnntrain.engine.trainer import train
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    train(build_config(args.recipe, **options))
+    cfg = build_config(args.recipe, **options)  # bad flags fail here, before any worker starts
+    if args.nproc_per_node:
+        from cnntrain.dist.launch import is_launcher_child, launch_local, strip_launch_flags
+
+        if is_launcher_child():
+            raise ConfigError("--nproc-per-node inside a job started by torchrun/mpirun/srun: drop one launcher")
+        return launch_local(strip_launch_flags(args.argv), nproc=args.nproc_per_node, nnodes=args.nnodes,
+                            node_rank=args.node_rank, master_addr=args.master_addr,
+                            master_port=args.master_port, max_restarts=args.max_restarts)
+    # Under mpirun/srun the rendezvous address comes from these flags (torchrun sets its own).
+    if args.master_addr:
+        os.environ["MASTER_ADDR"] = args.master_addr
+    if args.master_port:
+        os.environ["MASTER_PORT"] = str(args.master_port)
+    train(cfg)
     return 0
 
 
@@ -118,6 +173,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cnntrain.engine.progress import setup_logging
 
     setup_logging()
+    if args.watch:
+        from cnntrain.watch import watch
+
+        def show(step: int, r) -> None:
+            print(f"step {step}: top-1 {100 * r.top1:.2f}% +- {100 * r.top1_stderr:.2f}  top-5 {100 * r.top5:.2f}%  "
+                  f"loss {r.loss:.4f} ({r.count} images)", flush=True)
+
+        watch(args.watch, poll=args.poll, on_result=show, data_dir=args.data_dir, batch_size=args.batch_size,
+              device=args.device, verify=args.verify)
+        return 0
+    if not args.checkpoint:
+        raise ConfigError("cnntrain eval needs --checkpoint (or --watch RUN_DIR)")
     _, cfg, meta = load_weights(args.checkpoint)
     result = evaluate(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size,
                       device=args.device, verify=args.verify)
@@ -166,6 +233,27 @@ def cmd_data(args: argparse.Namespace) -> int:
     from cnntrain.engine.progress import setup_logging
 
     setup_logging()
+    if args.action == "prepare":
+        from cnntrain.data.prepare import prepare
+
+        if len(args.paths) != 2:
+            raise ConfigError("usage: cnntrain data prepare SRC DEST [--shards N] [--resize S] [--format F]")
+        result = prepare(*args.paths, shards=args.shards, resize=args.resize, fmt=args.format)
+        counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+        print(f"{result.dest}: {counts} images in {len(result.shards)} shards; {result.skipped} unreadable skipped")
+        return 0
+    if args.action == "verify" and not args.dataset:
+        from cnntrain.data.prepare import verify
+
+        rows = verify(args.paths[0] if args.paths else args.data_dir)
+        for row in rows:
+            print(f"{'ok' if not row.error else 'CORRUPT':<8} {row.records:>8} {row.path}"
+                  + (f"\n         {row.error}" if row.error else ""))
+        bad = sum(1 for r in rows if r.error)
+        print(f"{sum(r.records for r in rows)} records in {len(rows)} shards, {bad} corrupt")
+        return 1 if bad else 0
+    if not args.dataset:
+        raise ConfigError(f"cnntrain data {args.action} needs --dataset")
     if args.action == "download":
         for path in download_dataset(args.dataset, args.data_dir):
             print(f"ok  {path}")
@@ -183,12 +271,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from cnntrain.predict import predict
+
+    results = predict(args.checkpoint, args.inputs, top_k=args.top_k, device=DEVICE_ALIASES.get(args.device,
+                                                                                                  args.device))
+    for r in results:
+        if args.json:
+            print(json.dumps({"path": str(r.path), "top": r.top, "error": r.error}))
+        elif r.error:
+            print(f"{r.path}: {r.error}")
+        else:
+            print(f"{r.path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in r.top))
+    return 1 if any(r.error for r in results) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnntrain.export import export
+
+    print(export(args.checkpoint, args.format, args.output))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cnntrain.bench import bench
+
+    result = bench(args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                   precision=args.precision, data_dir=args.data_dir, data_only=args.data_only,
+                   device=DEVICE_ALIASES.get(args.device, args.device), image_size=args.image_size,
+                   workers=args.workers, threads=args.threads)
+    print(result.to_json() if args.json else result.describe())
+    return 0
+
+
 COMMANDS = {"report": cmd_report, "train": cmd_train, "eval": cmd_eval, "models": cmd_models, "recipes": cmd_recipes,
-            "data": cmd_data}
+            "data": cmd_data, "predict": cmd_predict, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc-per-node hands its workers
     try:
         return COMMANDS[args.command](args)
     except CnnTrainError as exc:

@@ -37,6 +37,10 @@ class TrainConfig:
     pad: int = 4  # pixels of padding for crop / translate augmentation
     cutout: int = 0  # side of the square cut out of each training image (0: off)
     drop_last: bool = False  # drop the last partial batch of each epoch (fixed shapes for compile)
+    # --- input pipeline ----------------------------------------------------------------------
+    pipeline: str = "auto"  # auto (stream large or mixed-size folders) | memory | stream (DataLoader workers)
+    workers: int = -1  # DataLoader worker processes per rank for streamed data (-1: auto; 0: main process)
+    min_crop_scale: float = 0.08  # streamed training: smallest RandomResizedCrop area (fraction of the image)
     # --- model ------------------------------------------------------------------------------
     model: str = "resnet20"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +64,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global gradient norm (0: off)
     ema_decay: float = 0.0  # exponential moving average of weights (0: off), evaluated instead
+    tta_flip: bool = False  # evaluate each image and its mirror image, logits averaged
     larc_mode: str = "none"  # none | clip | scale
     larc_eta: float = 0.003
     larc_eps: float = 1e-8
@@ -86,10 +91,10 @@ class TrainConfig:
     # --- distributed ------------------------------------------------------------------------
     dist_backend: str = "auto"  # auto | gloo | nccl
     dist_timeout: float = 300.0  # seconds before a lost peer ends the job
-    bucket_mb: float = 25.0
+    bucket_mb: float = 25.0  # DDP gradient bucket size in MB (powersgd on gloo: one bucket)
     overlap: bool = True  # all-reduce overlapped with backward (DDP buckets)
     grad_compression: str = "none"  # none | fp16 | bf16 | powersgd
-    sync_bn: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +107,7 @@ CHOICES = {
     "precision": ("fp32", "fp16", "bf16"),
     "augment": ("auto", "none", "flip", "crop-flip", "translate-flip"),
     "label_mode": ("fine", "coarse"),
+    "pipeline": ("auto", "memory", "stream"),
     "larc_mode": ("none", "clip", "scale"),
     "progress": ("auto", "bar", "log", "none"),
     "dist_backend": ("auto", "gloo", "nccl"),

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import cnntrain
 from cnntrain.config import RECIPE_DIR, load_recipe
@@ -13,7 +14,7 @@ def test_every_recipe_has_a_header_saying_what_it_reproduces():
     for name in RECIPES:
         text = (RECIPE_DIR / f"{name}.yaml").read_text()
         assert text.startswith("# "), name
-        assert "Expect" in text or "accuracy" in text, name
+        assert "expect" in text.lower() or "accuracy" in text, name
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -23,6 +24,9 @@ def test_recipe_runs_two_steps_on_tiny_synthetic_data(tmp_path, name):
     options = tiny(tmp_path / name, synthetic_shape=shape, synthetic_size=16, batch_size=4, max_steps=2)
     for key in ("model", "epochs", "lr"):
         options.pop(key)
+    if recipe.get("precision") == "fp16" and not torch.cuda.is_available():
+        # fp16 autocast has no fast CPU kernels (about 6x slower than fp32 here): smoke-test in bf16.
+        options.update(precision="bf16", loss_scale=0.0)
     result = cnntrain.train(recipe=name, **options)
     assert result.steps == 2
     assert cnntrain.build_config(str(result.run_dir / "config.yaml")).model == recipe["model"]

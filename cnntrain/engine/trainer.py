@@ -115,7 +115,8 @@ def train(cfg: TrainConfig, strategy: Strategy | None = None) -> Result:
     strategy = strategy or make_strategy(cfg)
     strategy.setup()
     try:
-        return _train(cfg, strategy)
+        with strategy.guard():  # a failed collective becomes a DistributedError naming rank and op
+            return _train(cfg, strategy)
     finally:
         strategy.teardown()
 
@@ -173,6 +174,12 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
     step, best_top1, elapsed_before = 0, 0.0, 0.0
     window = _Window(device)
     resume_path = ckpt.resolve_resume(cfg.resume, run_dir)
+    if resume_path is None and hasattr(model, "init_from_data"):
+        # Data-dependent initialisation (fastnet's patch whitening), identical on every rank.
+        sample = data.train.images[:5000].to(device, torch.float32) / 255
+        mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        model.init_from_data((sample - mean) / std)
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path)
         unwrap(model).load_state_dict(state["model"])
@@ -205,9 +212,9 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
 
     if main:
         log.info("%s: %s, %d parameters | %s: %d train, %d %s images, %d classes | batch %d x %d = %d, "
-                 "%d steps/epoch, %d steps | %s %s | %s", run_dir, cfg.model, count_parameters(model),
+                 "lr %g, %d steps/epoch, %d steps | %s %s | %s", run_dir, cfg.model, count_parameters(model),
                  cfg.dataset, len(data.train), len(data.val) if data.val else 0, data.val_name,
-                 data.num_classes, cfg.batch_size, world, global_batch, steps_per_epoch, total_steps,
+                 data.num_classes, cfg.batch_size, world, global_batch, base_lr, steps_per_epoch, total_steps,
                  device, cfg.precision, "resumed" if resume_path else "new run")
     progress = Progress(cfg.progress, total_steps, step, main)
     if main:
@@ -244,7 +251,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         if val_loader is None:
             return
         result = evaluate(eval_model, val_loader.iterate(0), data.num_classes, precision=cfg.precision,
-                          device=device, all_reduce=strategy.all_reduce_sum if world > 1 else None)
+                          device=device, tta_flip=cfg.tta_flip,
+                          all_reduce=strategy.all_reduce_sum if world > 1 else None)
         last_eval = result
         is_best = result.top1 > best_top1
         best_top1 = max(best_top1, result.top1)
@@ -368,7 +376,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
 
 def _warn_config_changes(saved: TrainConfig, now: TrainConfig) -> None:
     ignore = {"resume", "run_dir", "epochs", "max_steps", "display_every", "progress", "save_every",
-              "save_interval", "eval_every", "keep_last", "data_dir", "threads", "download", "verify"}
+              "save_interval", "eval_every", "keep_last", "data_dir", "threads", "download", "verify",
+              "workers", "pipeline", "tensorboard", "dist_timeout"}
     changed = [f.name for f in dataclasses.fields(TrainConfig)
                if f.name not in ignore and getattr(saved, f.name) != getattr(now, f.name)]
     if changed:
