@@ -107,10 +107,10 @@ def test_ranks_take_disjoint_slices_and_eval_scores_every_image_once(photos: Pat
     data = folder_dataset(photos / "train", 16)
     ranks = [_loader(data, rank=r, world=2, batch=2) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1])
-    seen = [sorted(i for s in range(len(ld)) for i in ld.step_indices(0, s)) for ld in ranks]
+    seen = [sorted(i for s in range(len(ld)) for i in ld.step_indices(0, s).tolist()) for ld in ranks]
     assert not set(seen[0]) & set(seen[1])
     evals = [_loader(data, rank=r, world=2, shuffle=False, batch=3) for r in range(2)]
-    covered = sorted(i for ld in evals for s in range(len(ld)) for i in ld.step_indices(0, s))
+    covered = sorted(i for ld in evals for s in range(len(ld)) for i in ld.step_indices(0, s).tolist())
     assert covered == list(range(len(data)))
 
 

@@ -84,39 +84,34 @@ def cutout(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor) 
     return images.masked_fill(mask[:, None], 0)
 
 
-class DeviceLoader:
-    """Batches of a whole in-memory data set, normalised floats on ``device``.
+class BatchPlan:
+    """Which samples each rank takes at each step, and the normalisation: shared by every loader.
 
     Training (``shuffle=True``): the global batch of step ``s`` in epoch ``e`` is
     ``perm(seed, e)[s*B*W:(s+1)*B*W]`` and rank ``r`` takes its r-th slice. The last global
-    batch may be partial; it is split evenly over the ranks (dropped with ``drop_last``).
+    batch may be partial; it is split evenly over the ranks (dropped with ``drop_last``, or when a
+    rank's share would be under 2, which BatchNorm cannot train on).
     Evaluation (``shuffle=False``): rank ``r`` takes a contiguous ``1/W`` of the set in order, so
     across ranks every image is scored exactly once.
     """
 
-    def __init__(self, data: ArrayDataset, batch_size: int, *, device: torch.device, mean, std,
-                 shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 augment: Augment | None = None, drop_last: bool = False,
-                 channels_last: bool = False, float_dtype: torch.dtype = torch.float32) -> None:
-        self.data = data
+    def __init__(self, size: int, batch_size: int, *, device: torch.device, mean, std, shuffle: bool,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 channels_last: bool = False) -> None:
+        self.size = size
         self.batch_size = batch_size
         self.device = device
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.augment = augment
         self.drop_last = drop_last
         self.channels_last = channels_last
-        self.float_dtype = float_dtype
-        self.images = data.images.to(device)
-        self.labels = data.labels.to(device)
         shape = (1, -1, 1, 1)
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(device)
-        self.shift = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape).to(device)
-        if not shuffle:
-            total = len(data)
-            self._eval_range = (total * rank // world_size, total * (rank + 1) // world_size)
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std_t)).view(shape).to(device)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(shape).to(device)
+        self._eval_range = (size * rank // world_size, size * (rank + 1) // world_size)
 
     @property
     def global_batch(self) -> int:
@@ -127,41 +122,55 @@ class DeviceLoader:
         if not self.shuffle:
             lo, hi = self._eval_range
             return -(-(hi - lo) // self.batch_size)
-        full, rest = divmod(len(self.data), self.global_batch)
+        full, rest = divmod(self.size, self.global_batch)
         keep_rest = rest and not self.drop_last and rest // self.world_size >= 2
         return full + (1 if keep_rest else 0)
 
-    def epoch_indices(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for ``epoch``, in visiting order (training only)."""
-        return torch.cat([self._step_indices(self._permutation(epoch), s) for s in range(len(self))])
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-        return torch.randperm(len(self.data), generator=g)
+        return torch.randperm(self.size, generator=g)
 
-    def _step_indices(self, perm: torch.Tensor, step: int) -> torch.Tensor:
+    def step_indices(self, epoch: int, step: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's sample indices at ``step`` of ``epoch`` (pass ``perm`` to reuse the epoch's)."""
+        if not self.shuffle:
+            lo, hi = self._eval_range
+            begin = lo + step * self.batch_size
+            return torch.arange(begin, min(begin + self.batch_size, hi))
+        perm = self.permutation(epoch) if perm is None else perm
         chunk = perm[step * self.global_batch:(step + 1) * self.global_batch]
         return torch.tensor_split(chunk, self.world_size)[self.rank]
 
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for ``epoch``, in visiting order."""
+        perm = self.permutation(epoch) if self.shuffle else None
+        return torch.cat([self.step_indices(epoch, s, perm) for s in range(len(self))])
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images on the device -> normalised float32 (channels_last when asked)."""
+        x = images.to(torch.float32).mul_(self.scale).add_(self.shift)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class DeviceLoader(BatchPlan):
+    """Batches of a whole in-memory data set, normalised floats on ``device`` (see ``BatchPlan``)."""
+
+    def __init__(self, data: ArrayDataset, batch_size: int, *, device: torch.device, mean, std,
+                 shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 augment: Augment | None = None, drop_last: bool = False, channels_last: bool = False) -> None:
+        super().__init__(len(data), batch_size, device=device, mean=mean, std=std, shuffle=shuffle, seed=seed,
+                         rank=rank, world_size=world_size, drop_last=drop_last, channels_last=channels_last)
+        self.data = data
+        self.augment = augment
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) for steps ``start_step..`` of ``epoch``."""
-        if not self.shuffle:
-            lo, hi = self._eval_range
-            for begin in range(lo, hi, self.batch_size):
-                idx = slice(begin, min(begin + self.batch_size, hi))
-                yield self._finish(self.images[idx]), self.labels[idx]
-            return
-        perm = self._permutation(epoch)
+        perm = self.permutation(epoch) if self.shuffle else None
         for step in range(start_step, len(self)):
-            idx = self._step_indices(perm, step).to(self.device)
+            idx = self.step_indices(epoch, step, perm).to(self.device)
             images = self.images[idx]
             if self.augment is not None:
                 g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, step))
                 images = self.augment(images, g)
-            yield self._finish(images), self.labels[idx]
-
-    def _finish(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32).mul_(self.scale).add_(self.shift)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x.to(self.float_dtype) if self.float_dtype != torch.float32 else x
+            yield self.normalise(images), self.labels[idx]

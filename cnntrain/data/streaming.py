@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from cnntrain.data.folder import _to_rgb
-from cnntrain.data.pipeline import mix_seed
+from cnntrain.data.pipeline import BatchPlan, mix_seed
 
 log = logging.getLogger("cnntrain")
 
@@ -197,66 +197,27 @@ def balance_threads(workers: int, explicit_threads: int, local_world_size: int =
     torch.set_num_threads(max(1, cores - workers))
 
 
-class StreamLoader:
-    """Batches of a :class:`StreamDataset`, normalised floats on ``device`` (see the module doc)."""
+class StreamLoader(BatchPlan):
+    """Batches of a :class:`StreamDataset`, normalised floats on ``device`` (see the module doc and
+    ``BatchPlan``, which decides each rank's samples exactly as for in-memory sets)."""
 
     def __init__(self, data: StreamDataset, batch_size: int, *, device: torch.device, mean, std, shuffle: bool,
                  seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0, drop_last: bool = False,
                  channels_last: bool = False, prefetch: int = 2) -> None:
+        super().__init__(len(data), batch_size, device=device, mean=mean, std=std, shuffle=shuffle, seed=seed,
+                         rank=rank, world_size=world_size, drop_last=drop_last, channels_last=channels_last)
         self.data = data if shuffle else data.as_eval()
-        self.batch_size = batch_size
-        self.device = device
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.workers = workers
-        self.drop_last = drop_last
-        self.channels_last = channels_last
         self.prefetch = prefetch
         self.skipped = 0  # undecodable samples met so far (summed over passes)
-        shape = (1, -1, 1, 1)
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(device)
-        self.shift = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape).to(device)
-        total = len(data)
-        self._eval_range = (total * rank // world_size, total * (rank + 1) // world_size)
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world_size
-
-    def __len__(self) -> int:
-        """Steps per epoch (identical on every rank)."""
-        if not self.shuffle:
-            lo, hi = self._eval_range
-            return -(-(hi - lo) // self.batch_size)
-        full, rest = divmod(len(self.data), self.global_batch)
-        keep_rest = rest and not self.drop_last and rest // self.world_size >= 2
-        return full + (1 if keep_rest else 0)
-
-    def step_indices(self, epoch: int, step: int) -> list[int]:
-        """This rank's sample indices at ``step`` of ``epoch``."""
-        if not self.shuffle:
-            lo, hi = self._eval_range
-            begin = lo + step * self.batch_size
-            return list(range(begin, min(begin + self.batch_size, hi)))
-        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-        perm = torch.randperm(len(self.data), generator=g)
-        chunk = perm[step * self.global_batch:(step + 1) * self.global_batch]
-        return torch.tensor_split(chunk, self.world_size)[self.rank].tolist()
 
     def _batch_keys(self, epoch: int, start_step: int) -> list[list[tuple[int, int]]]:
         steps = range(start_step, len(self))
         if self.shuffle:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            perm = torch.randperm(len(self.data), generator=g)
-            out = []
-            for s in steps:
-                chunk = perm[s * self.global_batch:(s + 1) * self.global_batch]
-                idx = torch.tensor_split(chunk, self.world_size)[self.rank].tolist()
-                out.append([(i, mix_seed(self.seed, epoch, i)) for i in idx])
-            return out
-        return [[(i, 0) for i in self.step_indices(epoch, s)] for s in steps]
+            perm = self.permutation(epoch)
+            return [[(i, mix_seed(self.seed, epoch, i)) for i in self.step_indices(epoch, s, perm).tolist()]
+                    for s in steps]
+        return [[(i, 0) for i in self.step_indices(epoch, s).tolist()] for s in steps]
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) on the device for steps ``start_step..`` of ``epoch``."""
@@ -273,17 +234,12 @@ class StreamLoader:
             skipped += bad
             if labels.numel() == 0:
                 continue
-            yield self._finish(images), labels.to(self.device, non_blocking=True)
+            yield self.normalise(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
         self.skipped += skipped
         if skipped:
             log.warning("%s: skipped %d unreadable or corrupt image(s) in this pass (%s)", self.data.source,
                         skipped, f"epoch {epoch}" if self.shuffle else "evaluation")
 
-    def _finish(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).to(torch.float32).mul_(self.scale).add_(self.shift)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
 
 
 def folder_dataset(split_dir: str | os.PathLike, image_size: int, classes: Sequence[str] | None = None,
