@@ -109,7 +109,7 @@ def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
     strategy = make_strategy(cfg)
     strategy.setup()
     try:
-        data = strategy.run_main_first(lambda: load_data(cfg))
+        data = load_data(cfg)
         if data.val is None:
             raise CheckpointError(f"data set {cfg.dataset} in {cfg.data_dir} has no validation or test split")
         model = load(path, strategy.device)

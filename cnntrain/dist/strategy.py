@@ -80,18 +80,6 @@ class Strategy:
     def barrier(self) -> None:
         pass
 
-    def run_main_first(self, fn):
-        """Run ``fn`` on rank 0 first (it may download), then on the others."""
-        if self.world_size == 1:
-            return fn()
-        if not self.is_main:
-            self.barrier()
-        try:
-            return fn()
-        finally:
-            if self.is_main:
-                self.barrier()
-
     @contextlib.contextmanager
     def guard(self):
         """Wraps the whole training run; distributed strategies translate peer failures here."""

@@ -140,7 +140,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    data = strategy.run_main_first(lambda: load_data(cfg))
+    # Every rank loads; the parsers let local rank 0 download while the others wait.
+    data = load_data(cfg)
     model = build_model(cfg, data).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
