@@ -250,3 +250,18 @@ def test_failed_workers_end_the_launcher_with_one_error_line(tmp_path):
     assert last.startswith("cnntrain: error: worker processes failed") and "local rank" in last, last
     assert "lower --batch-size" in out.stderr  # the worker's own reason is shown above it
     assert processes_mentioning(str(tmp_path / "run")) == []
+
+
+def test_eval_on_two_processes_gives_exactly_the_single_process_top1(ddp_run):
+    """A checkpoint trained on 2 processes, scored by ``cnntrain eval`` on 1 and on 2 processes:
+    every image is scored once either way, so the counts and top-1 are identical."""
+    run = ddp_run[0] / "run"
+    one = run_cli("eval", "--checkpoint", str(run), timeout=120, env=ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "cnntrain", "eval", "--checkpoint", str(run)]
+    two = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    score = [ln for ln in one.stdout.splitlines() if ln.startswith("top-1")][0]
+    assert "(64 images)" in one.stdout and "(64 images)" in two.stdout
+    assert score in two.stdout.splitlines()
