@@ -127,7 +127,7 @@ def _add_tool_parsers(sub) -> None:
 
     p = sub.add_parser("export", help="export weights as safetensors or ONNX")
     p.add_argument("--checkpoint", "-m", required=True, help="run folder, checkpoint .pt or .safetensors")
-    p.add_argument("--format", choices=("safetensors", "onnx"), required=True)
+    p.add_argument("--format", choices=("safetensors", "onnx", "h5"), required=True)
     p.add_argument("--output", "-O", required=True, help="file to write")
 
     p = sub.add_parser("bench", help="training or input-pipeline throughput")

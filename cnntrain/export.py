@@ -2,6 +2,7 @@
 
     cnntrain export --checkpoint runs/a --format safetensors --output model.safetensors
     cnntrain export --checkpoint runs/a --format onnx --output model.onnx      # batch dimension dynamic
+    cnntrain export --checkpoint runs/a --format h5 --output params.h5         # NNabla-style parameter file
 
 The ONNX graph takes normalised float images [N, C, H, W] (the same input the PyTorch model takes)
 and returns the main logits; the class names, mean and std go into its metadata so a consumer can
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from cnntrain.errors import CheckpointError, ConfigError
 
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "h5")
 
 
 class _MainLogits(nn.Module):
@@ -49,6 +50,8 @@ def export(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike, *
     meta = {**meta, "model": cfg.model, "config": cfg.to_dict()}
     if fmt == "safetensors":
         return export_safetensors(model, output, meta)
+    if fmt == "h5":
+        return export_h5(model, output, meta)
     shape = tuple(meta.get("input_shape") or (3, 224, 224))
     try:
         import onnx
@@ -71,5 +74,27 @@ def export(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike, *
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"ONNX export of {cfg.model} is invalid: {exc}") from None
     onnx.save(graph, str(tmp))
+    tmp.replace(output)
+    return output
+
+
+def export_h5(model: nn.Module, output: Path, meta: dict) -> Path:
+    """Write every parameter and buffer as an HDF5 dataset at its module path (``layer1/0/conv1/weight``),
+    the layout NNabla's ``save_parameters`` uses: attributes ``need_grad`` and ``index`` (the order),
+    and the run's classes, mean, std and model name as JSON attributes of the root."""
+    try:
+        import h5py
+    except ImportError:
+        raise ConfigError("HDF5 export needs the h5py package: pip install 'cnntrain[h5]'") from None
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    tmp = output.with_name(f".{output.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        for index, (name, tensor) in enumerate(model.state_dict().items()):
+            data = f.create_dataset(name.replace(".", "/"), data=tensor.detach().cpu().numpy())
+            data.attrs["need_grad"] = name in trainable
+            data.attrs["index"] = index
+        for key in ("classes", "mean", "std", "input_shape", "model"):
+            if meta.get(key) is not None:
+                f.attrs[key] = json.dumps(meta[key])
     tmp.replace(output)
     return output

@@ -70,3 +70,16 @@ def test_onnx_matches_pytorch(run: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     meta = {p.key: p.value for p in __import__("onnx").load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["classes"]) == ["cat", "dog", "owl"]
+
+
+def test_export_h5_holds_every_tensor_at_its_module_path(run: Path, tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    out = tmp_path / "params.h5"
+    assert main(["export", "--checkpoint", str(run), "--format", "h5", "--output", str(out)]) == 0
+    state = cnntrain.load(run).state_dict()
+    with h5py.File(out, "r") as f:
+        for index, (name, tensor) in enumerate(state.items()):
+            data = f[name.replace(".", "/")]
+            assert data.attrs["index"] == index
+            assert torch.equal(torch.as_tensor(np.asarray(data[()])), tensor)
+        assert json.loads(f.attrs["classes"]) == cnntrain.load(run).classes
