@@ -98,3 +98,12 @@ def test_report_compares_runs_in_a_table_and_a_png(tmp_path, capsys):
     assert out.count("lenet") == 2 and "best top1" in out
     assert png.stat().st_size > 1000
     assert main(["report", str(tmp_path)]) == 2  # not a run folder: one-line error
+
+
+def test_gpu_asked_for_but_absent_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", *cli_args(tiny(tmp_path / "g")), "-c", "cudnn"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "--device cpu" in err and err.count("\n") == 1
