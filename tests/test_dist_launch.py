@@ -265,3 +265,20 @@ def test_eval_on_two_processes_gives_exactly_the_single_process_top1(ddp_run):
     score = [ln for ln in one.stdout.splitlines() if ln.startswith("top-1")][0]
     assert "(64 images)" in one.stdout and "(64 images)" in two.stdout
     assert score in two.stdout.splitlines()
+
+
+def test_a_port_already_in_use_is_named_within_the_timeout(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "cnntrain", "train",
+                              *cli_args(tiny(tmp_path / "run", max_steps=2, dist_timeout=5))],
+                             cwd=REPO, env=rank_env(0, 2, port), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert f"port {port}" in out.stderr and "already in use" in out.stderr and "--master-port" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - started < 30

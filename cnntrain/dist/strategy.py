@@ -130,6 +130,11 @@ class DataParallel(Strategy):
                 timeout=datetime.timedelta(seconds=self.cfg.dist_timeout))
         except Exception as exc:  # noqa: BLE001 - c10d raises several types for the same cause
             self._failed = True
+            where = f"{self.launch.master_addr}:{self.launch.master_port}"
+            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+                raise DistributedError(
+                    f"rank {self.rank} of {self.world_size}: port {self.launch.master_port} at {where} is already "
+                    f"in use by another process; pick a free one with --master-port (or MASTER_PORT)") from None
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size} ({self.launch.launcher}): could not complete the "
                 f"rendezvous at {self.launch.master_addr}:{self.launch.master_port} within "
