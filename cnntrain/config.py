@@ -82,18 +82,22 @@ class TrainConfig:
     display_every: int = 50  # steps between log lines
     eval_every: int = 0  # steps between evaluations (0: at each epoch end)
     save_every: int = 0  # steps between checkpoints (0: at each epoch end)
-    save_interval: float = 0.0  # also checkpoint when this many seconds have passed (0: off)
+    save_interval: float = 0.0  # also checkpoint when this many seconds have passed (0: off; ranks>1: at a log line)
     keep_last: int = 3  # checkpoints kept besides best.pt
     resume: str = ""  # "" | auto | path to a checkpoint or run folder
     max_bad_steps: int = 20  # stop when the loss is not finite this many steps in a row
     progress: str = "auto"  # auto | bar | log | none
     tensorboard: bool = False
+    profile: str = "none"  # none | phases (data/forward/backward/communication/optimizer) | ops (torch.profiler)
     # --- distributed ------------------------------------------------------------------------
     dist_backend: str = "auto"  # auto | gloo | nccl
     dist_timeout: float = 300.0  # seconds before a lost peer ends the job
     bucket_mb: float = 25.0  # DDP gradient bucket size in MB (powersgd on gloo: one bucket)
     overlap: bool = True  # all-reduce overlapped with backward (DDP buckets)
-    grad_compression: str = "none"  # none | fp16 | bf16 | powersgd
+    grad_compression: str = "none"  # none | fp16 | bf16 | powersgd | topk | threshold
+    compression_ratio: float = 0.05  # topk: fraction of each gradient bucket sent; --partial-update: of params averaged
+    compression_threshold: float = 0.0  # threshold: gradient entries with |g| >= this are sent (required, > 0)
+    partial_update: bool = False  # local optimizer steps; one chunk of the parameters averaged across ranks per step
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +115,8 @@ CHOICES = {
     "larc_mode": ("none", "clip", "scale"),
     "progress": ("auto", "bar", "log", "none"),
     "dist_backend": ("auto", "gloo", "nccl"),
-    "grad_compression": ("none", "fp16", "bf16", "powersgd"),
+    "grad_compression": ("none", "fp16", "bf16", "powersgd", "topk", "threshold"),
+    "profile": ("none", "phases", "ops"),
 }
 DEVICE_ALIASES = {"cudnn": "cuda", "gpu": "cuda"}
 # Defaults that suit a data set better than the CIFAR-oriented ones above; a recipe or a flag
@@ -189,6 +194,24 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--lr-schedule multistep needs --lr-milestones (epochs, e.g. 100 150)")
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    _validate_exchange(cfg)
+
+
+def _validate_exchange(cfg: TrainConfig) -> None:
+    """Sparsified / partial exchange options and what they cannot be combined with."""
+    if not 0 < cfg.compression_ratio <= 1:
+        raise ConfigError(f"--compression-ratio must be in (0, 1], got {cfg.compression_ratio}")
+    if cfg.grad_compression == "threshold" and cfg.compression_threshold <= 0:
+        raise ConfigError(f"--grad-compression threshold needs --compression-threshold T > 0 (gradient entries "
+                          f"with |g| >= T are sent), got {cfg.compression_threshold}")
+    if cfg.partial_update and cfg.grad_compression != "none":
+        raise ConfigError(f"--partial-update averages parameters, not gradients: it cannot be combined with "
+                          f"--grad-compression {cfg.grad_compression}; drop one")
+    if cfg.partial_update and cfg.ema_decay:
+        raise ConfigError("--partial-update with --ema-decay: each rank would average its own weights; drop one")
+    if cfg.grad_compression in ("topk", "threshold") and cfg.precision == "fp16":
+        raise ConfigError(f"--grad-compression {cfg.grad_compression} keeps unsent gradient entries across steps, "
+                          f"which fp16's changing loss scale would corrupt: use --precision fp32 or bf16")
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -81,6 +81,18 @@ def cifar_arrays(n: int, num_classes: int = 10, seed: int = 0) -> tuple[np.ndarr
     return data, fine, fine // 5
 
 
+def faint_cifar_arrays(n: int, num_classes: int = 10, seed: int = 0, amplitude: float = 6.0,
+                       noise: float = 64.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`cifar_arrays` but hard to learn quickly: each class is a faint blocky pattern
+    (``amplitude`` grey levels, 8x8 blocks) under Gaussian noise of ``noise`` grey levels. LeNet
+    needs a few hundred steps, so how fast a training method learns shows in the accuracy."""
+    rng = np.random.default_rng(seed)
+    fine = (np.arange(n) % num_classes)[rng.permutation(n)].astype(np.int64)
+    patterns = np.kron(np.random.default_rng(99).normal(size=(num_classes, 3, 4, 4)), np.ones((1, 1, 8, 8)))
+    images = 128 + amplitude * patterns[fine] + rng.normal(0, noise, size=(n, 3, 32, 32))
+    return np.clip(images, 0, 255).astype(np.uint8).reshape(n, CIFAR_PIXELS), fine, fine // 5
+
+
 def _class_names(num_classes: int, label_mode: str = "fine") -> list[str]:
     if num_classes == 10:
         return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -88,21 +100,21 @@ def _class_names(num_classes: int, label_mode: str = "fine") -> list[str]:
 
 
 def cifar_python_files(num_classes: int = 10, n_train: int = 50, n_test: int = 10,
-                       seed: int = 0) -> dict[str, bytes]:
+                       seed: int = 0, arrays=cifar_arrays) -> dict[str, bytes]:
     """Relative path -> bytes of an official-format python CIFAR folder (protocol-2 pickles of
-    dicts with bytes keys)."""
+    dicts with bytes keys); ``arrays`` makes the images and labels (see :func:`cifar_arrays`)."""
     def dump(obj: object) -> bytes:
         return pickle.dumps(obj, protocol=2)  # protocol 2, as the official (Python 2) files
 
     files: dict[str, bytes] = {}
     if num_classes == 10:
         folder = "cifar-10-batches-py"
-        data, fine, _ = cifar_arrays(n_train, 10, seed)
+        data, fine, _ = arrays(n_train, 10, seed)
         for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
             files[f"{folder}/data_batch_{i}"] = dump({
                 b"batch_label": f"training batch {i} of 5".encode(), b"labels": fine[part].tolist(),
                 b"data": data[part], b"filenames": [b"x.png"] * len(part)})
-        data, fine, _ = cifar_arrays(n_test, 10, seed + 1)
+        data, fine, _ = arrays(n_test, 10, seed + 1)
         files[f"{folder}/test_batch"] = dump({b"batch_label": b"testing batch 1 of 1",
                                               b"labels": fine.tolist(), b"data": data})
         files[f"{folder}/batches.meta"] = dump({b"num_cases_per_batch": 10000, b"num_vis": CIFAR_PIXELS,
@@ -110,7 +122,7 @@ def cifar_python_files(num_classes: int = 10, n_train: int = 50, n_test: int = 1
     else:
         folder = "cifar-100-python"
         for name, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
-            data, fine, coarse = cifar_arrays(n, 100, s)
+            data, fine, coarse = arrays(n, 100, s)
             files[f"{folder}/{name}"] = dump({b"batch_label": name.encode(), b"fine_labels": fine.tolist(),
                                               b"coarse_labels": coarse.tolist(), b"data": data})
         files[f"{folder}/meta"] = dump({

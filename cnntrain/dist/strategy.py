@@ -2,8 +2,10 @@
 
 ``SingleProcess`` runs on one device. ``DataParallel`` is synchronous data parallelism on
 ``torch.distributed``: weights broadcast from rank 0 at wrap time, gradients all-reduced by DDP
-(overlapped with backward in buckets, optionally compressed by a comm hook) or, with
-``--no-overlap``, in one coalesced all-reduce after backward; metrics summed over ranks. A failed
+(overlapped with backward in buckets, optionally compressed or sparsified by a comm hook) or, with
+``--no-overlap``, in one coalesced all-reduce after backward; with ``--partial-update`` no
+gradients are exchanged and one chunk of the parameters is averaged after each optimizer step;
+metrics summed over ranks. A failed
 collective anywhere in the run becomes a ``DistributedError`` naming the rank and the operation.
 """
 
@@ -23,6 +25,7 @@ import torch.nn as nn
 from cnntrain.config import TrainConfig
 from cnntrain.dist.env import LaunchEnv, detect_launch, usable_cores
 from cnntrain.dist.hooks import all_reduce_mean, broadcast_state, bucket_mb_for, register_compression
+from cnntrain.dist.partial import PartialAverager
 from cnntrain.errors import CnnTrainError, ConfigError, DistributedError
 
 log = logging.getLogger("cnntrain")
@@ -71,6 +74,18 @@ class Strategy:
     def after_backward(self, params: list[torch.nn.Parameter]) -> None:
         """Called between backward and the optimizer step (gradient exchange not done by DDP)."""
 
+    def after_step(self, step: int) -> None:
+        """Called on every rank after optimizer step ``step`` (0-based), taken or skipped."""
+
+    def synchronize(self) -> None:
+        """Called on every rank before an evaluation or checkpoint: make the ranks' weights equal."""
+
+    def comm_stats(self) -> dict[str, float]:
+        """Bytes per step this rank contributes to the gradient / parameter exchange
+        (``comm_bytes_per_step``) against a dense fp32 exchange (``dense_bytes_per_step``); empty
+        when there is no exchange or it is not measured."""
+        return {}
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
@@ -104,6 +119,8 @@ class DataParallel(Strategy):
         self.backend = "none"
         self._ddp: nn.parallel.DistributedDataParallel | None = None
         self._plain: nn.Module | None = None
+        self._sparse = None  # top-k / threshold hook state (bytes counted there)
+        self._partial: PartialAverager | None = None
         self._op = "setup"
         self._failed = False
 
@@ -114,8 +131,9 @@ class DataParallel(Strategy):
             # nccl reports "available" on CPU-only builds too: choose by the device actually used.
             backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.backend = backend
-        if self.cfg.grad_compression == "powersgd" and not self.cfg.overlap:
-            raise ConfigError("--grad-compression powersgd is a DDP hook: it needs --overlap (drop --no-overlap)")
+        if self.cfg.grad_compression in ("powersgd", "topk", "threshold") and not self.cfg.overlap:
+            raise ConfigError(f"--grad-compression {self.cfg.grad_compression} is a DDP hook: it needs --overlap "
+                              f"(drop --no-overlap)")
         if self.cfg.sync_bn and self.device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel): "
                               "drop --sync-bn on CPU")
@@ -144,6 +162,11 @@ class DataParallel(Strategy):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if self.cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.cfg.partial_update:
+            with self.collective("broadcast of the initial weights"):
+                broadcast_state(model)
+            self._partial = PartialAverager(model, self.world_size, round(1 / self.cfg.compression_ratio))
+            return model
         if not self.cfg.overlap:
             with self.collective("broadcast of the initial weights"):
                 broadcast_state(model)
@@ -154,7 +177,8 @@ class DataParallel(Strategy):
         with self.collective("broadcast of the initial weights (DDP)"):
             ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=ids, bucket_cap_mb=bucket, gradient_as_bucket_view=True)
-        register_compression(ddp, self.cfg.grad_compression)
+        self._sparse = register_compression(ddp, self.cfg.grad_compression, self.cfg.compression_ratio,
+                                            self.cfg.compression_threshold)
         # DDP's all-reduce runs inside forward/backward: name it for errors raised there.
         ddp.register_forward_pre_hook(lambda *_: setattr(self, "_op", "DDP forward/backward (gradient all-reduce)"))
         self._ddp = ddp
@@ -170,6 +194,33 @@ class DataParallel(Strategy):
             buffers = list(self._plain.buffers())
             if buffers:
                 broadcast_state(_Buffers(buffers))
+
+    def after_step(self, step: int) -> None:
+        if self._partial is not None:
+            with self.collective("average of a parameter chunk (--partial-update)"):
+                self._partial.average_chunk(step)
+
+    def synchronize(self) -> None:
+        if self._partial is not None:
+            with self.collective("average of all parameters (--partial-update)"):
+                self._partial.average_all()
+
+    def comm_stats(self) -> dict[str, float]:
+        counted = self._sparse or self._partial
+        if counted is not None:
+            if not counted.steps:
+                return {}
+            sent, dense = counted.sent_bytes / counted.steps, counted.dense_bytes
+            if self._sparse is not None:
+                dense /= counted.steps
+        else:
+            model = self._ddp.module if self._ddp is not None else self._plain
+            compression = self.cfg.grad_compression
+            if model is None or compression == "powersgd":
+                return {}
+            dense = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+            sent = dense / 2 if compression in ("fp16", "bf16") else dense
+        return {"comm_bytes_per_step": sent, "dense_bytes_per_step": dense, "compression": dense / max(sent, 1e-9)}
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         with self.collective("all-reduce of metrics"):
@@ -212,7 +263,7 @@ class DataParallel(Strategy):
     def teardown(self) -> None:
         # Drop DDP first, then barrier, then destroy: without this gloo sometimes aborts at exit
         # (SIGABRT, torch 2.14). After a failure a barrier would only wait on the dead peer.
-        self._ddp = self._plain = None
+        self._ddp = self._plain = self._sparse = self._partial = None
         gc.collect()
         if not dist.is_initialized():
             return

@@ -32,6 +32,7 @@ from cnntrain.engine.metrics import MetricsLog, write_summary
 from cnntrain.engine.optim import build_optimizer, lr_at, set_lr
 from cnntrain.engine.plots import plot_curves
 from cnntrain.engine.precision import LossScaler, autocast
+from cnntrain.engine.profile import make_profiler
 from cnntrain.engine.progress import TABLE_HEADER, Progress, setup_logging, table_row
 from cnntrain.engine.run import export_safetensors, peak_memory_mb, resolve_run_dir, unwrap
 from cnntrain.errors import ConfigError, NumericalError
@@ -100,11 +101,14 @@ class _Window:
         self.grad_norm += grad_norm.detach().double()
         self.steps += 1
 
-    def state(self) -> dict:
-        return {"sums": self.sums.cpu(), "grad_norm": self.grad_norm.cpu(), "steps": self.steps}
+    def state(self, all_reduce_sum=None) -> dict:
+        """The partial window; with several ranks, ``all_reduce_sum`` folds every rank's sums into it
+        (a collective: every rank must call this), so that rank 0 alone can carry them on resume."""
+        sums = all_reduce_sum(self.sums.clone()) if all_reduce_sum is not None else self.sums
+        return {"sums": sums.cpu(), "grad_norm": self.grad_norm.cpu(), "steps": self.steps}
 
-    def load(self, state: dict) -> None:
-        self.sums.copy_(state["sums"])
+    def load(self, state: dict, *, with_sums: bool = True) -> None:
+        self.sums.copy_(state["sums"] if with_sums else torch.zeros_like(state["sums"]))
         self.grad_norm.copy_(state["grad_norm"])
         self.steps = int(state["steps"])
 
@@ -188,7 +192,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
-        window.load(state["window"])
+        window.load(state["window"], with_sums=main)  # the saved sums are every rank's: rank 0 carries them
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -218,6 +222,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                  data.num_classes, cfg.batch_size, world, global_batch, base_lr, steps_per_epoch, total_steps,
                  device, cfg.precision, "resumed" if resume_path else "new run")
     progress = Progress(cfg.progress, total_steps, step, main)
+    prof = make_profiler(cfg.profile if main else "none", run_dir / "profile", device, total_steps - step)
     if main:
         progress.write(TABLE_HEADER)
 
@@ -228,16 +233,19 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
     last_eval: EvalResult | None = None
     last_train = (float("nan"), float("nan"))
     compile_seconds = None
+    save_due = False  # several ranks: --save-interval has passed on rank 0 (agreed at the last log line)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
 
     def save(best: bool = False) -> None:
-        nonlocal last_save
+        nonlocal last_save, save_due
+        strategy.synchronize()  # --partial-update: one model, the same on every rank
+        window_state = window.state(strategy.all_reduce_sum if world > 1 else None)
         if main:
             state = {
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "window": window.state(), "step": step,
+                "scaler": scaler.state_dict(), "window": window_state, "step": step,
                 "best_top1": best_top1, "elapsed": elapsed(), "config": cfg.to_dict(), "meta": meta,
                 "rng": {"torch": torch.get_rng_state(),
                         **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
@@ -246,11 +254,13 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                 state["ema"] = ema.state_dict()
             ckpt.save_checkpoint(state, run_dir / "checkpoints", step, keep_last=cfg.keep_last, best=best)
         last_save = time.perf_counter()
+        save_due = False
 
     def run_eval() -> None:
         nonlocal best_top1, last_eval
         if val_loader is None:
             return
+        strategy.synchronize()
         result = evaluate(eval_model, val_loader.iterate(0), data.num_classes, precision=cfg.precision,
                           device=device, tta_flip=cfg.tta_flip,
                           all_reduce=strategy.all_reduce_sum if world > 1 else None)
@@ -269,8 +279,16 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         return is_best
 
     def log_window() -> None:
-        nonlocal last_train
-        sums = strategy.all_reduce_sum(window.sums.clone()) if world > 1 else window.sums
+        nonlocal last_train, save_due
+        if world > 1:
+            # Rank 0's clock decides --save-interval for everyone (save() is a collective), riding
+            # on the all-reduce the log line needs anyway.
+            due = float(main and bool(cfg.save_interval) and time.perf_counter() - last_save >= cfg.save_interval)
+            sums = strategy.all_reduce_sum(torch.cat([window.sums, window.sums.new_tensor([due])]))
+            save_due = bool(sums[3] > 0)
+            sums = sums[:3]
+        else:
+            sums = window.sums
         loss_sum, correct, count = sums.tolist()
         seconds = max(time.perf_counter() - window.started - window.paused, 1e-9)
         img_s = count / seconds
@@ -297,32 +315,39 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         while step < total_steps:
             t0 = time.perf_counter()
             try:
-                images, labels = next(batches)
+                with prof.phase("data"):
+                    images, labels = next(batches)
             except StopIteration:
                 break
             window.data_seconds += time.perf_counter() - t0
             current_lr = lr_at(step, cfg, base_lr, steps_per_epoch, total_steps)
             set_lr(optimizer, current_lr)
-            with autocast(cfg.precision, device.type):
+            with prof.phase("forward"), autocast(cfg.precision, device.type):
                 output = wrapped(images)
                 loss = loss_fn(output, labels)
-            scaler.scale_loss(loss).backward()
-            strategy.after_backward(params)
-            grads = [p.grad for p in params if p.grad is not None]
-            scaler.unscale_(grads)
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-            # The one host sync per step: skip the update when anything is not finite.
-            loss_ok, grads_ok = torch.stack([loss.detach().float(), grad_norm.float()]).isfinite().tolist()
-            if grads_ok:
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
-                if cfg.larc_mode != "none":
-                    apply_larc(optimizer, current_lr, cfg.larc_mode, cfg.larc_eta, cfg.larc_eps)
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-            scaler.update(found_inf=not grads_ok)
-            optimizer.zero_grad(set_to_none=True)
+            with prof.phase("backward"):
+                scaler.scale_loss(loss).backward()
+            with prof.phase("communication"):
+                strategy.after_backward(params)
+            with prof.phase("optimizer"):
+                grads = [p.grad for p in params if p.grad is not None]
+                scaler.unscale_(grads)
+                grad_norm = torch.nn.utils.get_total_norm(grads)
+                # The one host sync per step: skip the update when anything is not finite.
+                loss_ok, grads_ok = torch.stack([loss.detach().float(), grad_norm.float()]).isfinite().tolist()
+                if grads_ok:
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+                    if cfg.larc_mode != "none":
+                        apply_larc(optimizer, current_lr, cfg.larc_mode, cfg.larc_eta, cfg.larc_eps)
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
+                scaler.update(found_inf=not grads_ok)
+                optimizer.zero_grad(set_to_none=True)
+            with prof.phase("communication"):
+                strategy.after_step(step)  # --partial-update averages a parameter chunk here
+            prof.step()
             if compile_seconds is None and cfg.compile:
                 compile_seconds = time.perf_counter() - compile_started
                 log.info("torch.compile warm-up (first step): %.1f s", compile_seconds)
@@ -345,12 +370,14 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
             if (cfg.eval_every and step % cfg.eval_every == 0) or (epoch_end and not cfg.eval_every) \
                     or step == total_steps:
                 is_best = bool(run_eval())
-            timed = cfg.save_interval and time.perf_counter() - last_save >= cfg.save_interval
+            timed = save_due if world > 1 else \
+                cfg.save_interval and time.perf_counter() - last_save >= cfg.save_interval
             if (cfg.save_every and step % cfg.save_every == 0) or (epoch_end and not cfg.save_every) \
                     or step == total_steps or timed or is_best:
                 save(best=is_best)
             window.paused += time.perf_counter() - pause_started
     progress.close()
+    profiled = prof.finish()
     if metrics is not None:
         metrics.close()
 
@@ -364,11 +391,15 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         "eval_split": data.val_name, "eval_images": last_eval.count if last_eval else 0,
         "train_seconds": seconds, "total_seconds": elapsed(), "img_per_s": images_seen / max(seconds, 1e-9),
         "skipped_steps": scaler.skipped, "loss_scale": scaler.scale, "compile_seconds": compile_seconds,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device), **strategy.comm_stats(), **profiled,
     }
     if main:
         export_safetensors(ema if ema is not None else model, run_dir / "model.safetensors", meta)
         write_summary(run_dir / "summary.json", summary)
+        if "comm_bytes_per_step" in summary:
+            log.info("exchange per step and rank: %.1f kB sent vs %.1f kB dense fp32 (%.1fx less)",
+                     summary["comm_bytes_per_step"] / 1e3, summary["dense_bytes_per_step"] / 1e3,
+                     summary["compression"])
         log.info("done: %d steps in %.1f s (%.1f img/s); %s top-1 %.2f%% (best %.2f%%); %s", step, seconds,
                  summary["img_per_s"], data.val_name, 100 * (summary["final_top1"] or 0), 100 * best_top1,
                  run_dir)
@@ -378,7 +409,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
 def _warn_config_changes(saved: TrainConfig, now: TrainConfig) -> None:
     ignore = {"resume", "run_dir", "epochs", "max_steps", "display_every", "progress", "save_every",
               "save_interval", "eval_every", "keep_last", "data_dir", "threads", "download", "verify",
-              "workers", "pipeline", "tensorboard", "dist_timeout"}
+              "workers", "pipeline", "tensorboard", "dist_timeout", "profile"}
     changed = [f.name for f in dataclasses.fields(TrainConfig)
                if f.name not in ignore and getattr(saved, f.name) != getattr(now, f.name)]
     if changed:

@@ -1,0 +1,168 @@
+"""Sparsified (top-k, threshold) and partial exchange: option checks and selection in process;
+exactness, error feedback, rank agreement and accuracy on 2 real gloo ranks
+(``tests/compression_tasks.py``), each job with a timeout."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cnntrain.cli import main
+from cnntrain.config import build_config
+from cnntrain.dist.env import LaunchEnv
+from cnntrain.dist.hooks import SparseState
+from cnntrain.dist.partial import PartialAverager
+from cnntrain.dist.strategy import DataParallel
+from cnntrain.errors import ConfigError
+from tests.fixtures import cifar_python_files, faint_cifar_arrays, write_files
+from tests.helpers import REPO, cli_args, tiny
+
+ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"compression_ratio": 0}, r"--compression-ratio must be in \(0, 1\], got 0"),
+    ({"compression_ratio": 1.5}, r"--compression-ratio must be in \(0, 1\], got 1.5"),
+    ({"grad_compression": "threshold"}, "needs --compression-threshold T > 0"),
+    ({"partial_update": True, "grad_compression": "topk"}, "cannot be combined with --grad-compression topk"),
+    ({"partial_update": True, "ema_decay": 0.99}, "--partial-update with --ema-decay"),
+    ({"grad_compression": "topk", "precision": "fp16"}, "use --precision fp32 or bf16"),
+])
+def test_bad_combinations_are_refused_with_a_clear_message(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(dataset="synthetic", **options)
+
+
+def test_the_cli_refuses_them_before_starting_anything(tmp_path, capsys):
+    args = cli_args(tiny(tmp_path / "run", partial_update=True, grad_compression="fp16"))
+    assert main(["train", "--nproc-per-node", "2", *args]) == 2
+    assert "--partial-update averages parameters" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("compression", ["topk", "threshold"])
+def test_sparse_hooks_need_overlap(compression):
+    cfg = build_config(dataset="synthetic", device="cpu", overlap=False, grad_compression=compression,
+                       compression_threshold=0.1)
+    strategy = DataParallel(cfg, LaunchEnv(rank=0, world_size=2, master_port=1))  # port 1: would fail to join
+    with pytest.raises(ConfigError, match=f"--grad-compression {compression} is a DDP hook: it needs --overlap"):
+        strategy.setup()
+
+
+def test_topk_takes_the_largest_magnitudes_and_threshold_those_not_below_it():
+    g = torch.tensor([0.1, -3.0, 0.0, 2.0, -0.5, 0.25, 1.0, -0.01, 0.3, 0.2])
+    assert sorted(SparseState("topk", ratio=0.2).select(g).tolist()) == [1, 3]
+    assert sorted(SparseState("topk", ratio=0.01).select(g).tolist()) == [1]  # at least one entry
+    assert SparseState("topk", ratio=1.0).select(g).tolist() == list(range(10))
+    assert sorted(SparseState("threshold", threshold=0.5).select(g).tolist()) == [1, 3, 4, 6]
+    # Non-finite entries are always sent (the trainer then skips the step), never kept for ever.
+    bad = torch.tensor([0.1, float("nan"), 0.2, float("inf")])
+    assert sorted(SparseState("threshold", threshold=0.5).select(bad).tolist()) == [1, 3]
+    assert sorted(SparseState("topk", ratio=0.5).select(bad).tolist()) == [1, 3]
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=10))
+    yield
+    dist.destroy_process_group()
+
+
+def test_partial_chunks_cover_every_entry_once_per_cycle(one_rank_group):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 3))
+    model = model.to(memory_format=torch.channels_last)
+    averager = PartialAverager(model, world_size=1, chunks=7)
+    for step in range(7):
+        averager.average_chunk(step)
+    # 7 chunks of the parameters and float buffers (BN running stats, not the int counter)
+    numel = sum(p.numel() for p in model.parameters()) + 8
+    assert averager.sent_bytes == averager.dense_bytes == numel * 4 and averager.steps == 7
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (all held open at once, so never the same twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def spawn(task: str, out, *extra: str, timeout: float) -> str:
+    """Run ``tests.compression_tasks task`` on 2 ranks over loopback; rank 0's output."""
+    (port,) = free_ports(1)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, **ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.compression_tasks", task, str(out), *extra],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), [o[-3000:] for o in outs]
+    return outs[0]
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(150)
+def test_two_ranks_topk_is_exact_lossless_and_partial_update_synchronises(tmp_path):
+    spawn("hooks", tmp_path / "report.json", timeout=120)
+    report = json.loads((tmp_path / "report.json").read_text())
+    # Ratio 1 sends everything: bit for bit what DDP's own all-reduce gives.
+    assert report["topk_ratio_1_equals_plain"] and report["topk_ratio_1_ranks_equal"]
+    for mode in ("topk", "threshold"):
+        r = report[mode]
+        assert r["ranks_equal"] and r["buckets"] == 2, r  # several buckets, weights still identical
+        # Nothing lost: 2 x applied updates + both ranks' kept remainders = sum of dense gradients.
+        assert r["max_abs_error"] <= 1e-5 * r["scale"], r
+        assert r["kept_norm"] > 0.1 * r["dense_norm"], r  # and something was really held back
+        assert r["stats"]["compression"] > 3, r
+    topk = report["topk"]
+    assert topk["most_nonzero"] <= 2 * (0.05 * topk["numel"] + 2)  # 2 ranks x 5% of each of 2 buckets
+    assert topk["stats"]["comm_bytes_per_step"] == pytest.approx(topk["stats"]["dense_bytes_per_step"] / 10,
+                                                                 rel=0.01)  # 4+4 bytes per sent fp32
+    partial = report["partial"]
+    assert partial["equal_after_wrap"]
+    assert partial["chunk_equal"] == [True] * 4 and partial["others_differ"] == [True] * 4
+    assert partial["equal_after_sync"]
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+def test_each_mode_trains_within_3_points_of_ddp(tmp_path):
+    """LeNet, 300 steps of 2 x 16 faint-pattern CIFAR-format images, 1000 test images: top-k,
+    threshold and partial update end within 3 points of plain DDP, every rank holding exactly the
+    checkpointed weights, with the bytes per step they claim."""
+    data = write_files(tmp_path / "data", cifar_python_files(10, 4000, 1000, arrays=faint_cifar_arrays))
+    ports = ",".join(map(str, free_ports(4)))  # one rendezvous per mode
+    log = spawn("accuracy", tmp_path / "report.json", str(data), ports, timeout=210)
+    report = json.loads((tmp_path / "report.json").read_text())
+    print(json.dumps(report, indent=1))  # the figures, with -s
+    ddp = report["ddp"]["final_top1"]
+    assert ddp > 0.8
+    for name, r in report.items():
+        assert r["steps"] == 300 and r["eval_images"] == 1000, (name, r)
+        assert r["every_rank_equals_checkpoint"], (name, r)
+        assert abs(r["final_top1"] - ddp) <= 0.03, (name, r["final_top1"], ddp)
+    assert report["ddp"]["compression"] == 1.0
+    assert report["topk"]["compression"] == pytest.approx(10, rel=0.01)
+    assert report["threshold"]["compression"] > 2
+    assert report["partial"]["compression"] > 5  # 10 chunks, plus full averages before evaluations
+    assert "exchange per step and rank: 33.3 kB sent vs 332.5 kB dense fp32 (10.0x less)" in log
+    assert os.path.exists(tmp_path / "partial" / "summary.json")
