@@ -99,9 +99,14 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def prune(folder: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` step checkpoints, and drop temp files a killed writer left."""
     for _, path in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
         path.unlink(missing_ok=True)
         manifest_path(path).unlink(missing_ok=True)
+    mine = f".tmp{os.getpid()}"
+    for leftover in folder.glob(".*.tmp*"):
+        if not leftover.name.endswith(mine):
+            leftover.unlink(missing_ok=True)
 
 
 def verify_checkpoint(path: Path) -> None:
