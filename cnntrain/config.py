@@ -54,6 +54,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     decay_bn_bias: bool = True  # apply weight decay to BatchNorm weights and biases too
+    norm_lr_scale: float = 1.0  # LR multiplier for normalisation-layer parameters (BatchNorm shifts and scales)
     lr_schedule: str = "cosine"  # constant | step | multistep | cosine | poly | onecycle
     lr_milestones: list[float] = field(default_factory=list)  # epochs, for step / multistep
     lr_step_epochs: float = 30  # step: decay every this many epochs
@@ -188,6 +189,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("nothing to train: give --epochs > 0 or --max-steps > 0")
     if cfg.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.norm_lr_scale <= 0:
+        raise ConfigError(f"--norm-lr-scale must be positive, got {cfg.norm_lr_scale}")
     if cfg.loss_scale and cfg.precision != "fp16":
         raise ConfigError("--loss-scale applies to --precision fp16 only")
     if cfg.lr_schedule == "multistep" and not cfg.lr_milestones:

@@ -5,7 +5,7 @@ import torch
 
 from cnntrain.config import build_config
 from cnntrain.engine.larc import apply_larc
-from cnntrain.engine.optim import build_optimizer, lr_at, param_groups
+from cnntrain.engine.optim import build_optimizer, lr_at, param_groups, set_lr
 from cnntrain.engine.precision import LossScaler
 
 
@@ -37,6 +37,20 @@ def test_no_decay_group_for_bn_and_bias():
     groups = param_groups(model, 5e-4, decay_bn_bias=False)
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert groups[1]["weight_decay"] == 0.0
+
+
+def test_norm_lr_scale_speeds_up_batchnorm_only_and_keeps_its_decay_per_step():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    cfg = build_config(None, lr=0.5, weight_decay=1e-3, decay_bn_bias=True, norm_lr_scale=64)
+    optimizer = build_optimizer(model, cfg, "cpu")
+    set_lr(optimizer, 0.5)
+    norm = [g for g in optimizer.param_groups if g.get("lr_scale")]
+    assert len(norm) == 1 and {id(p) for p in norm[0]["params"]} == {id(p) for p in model[1].parameters()}
+    assert norm[0]["lr"] == 32.0
+    assert norm[0]["lr"] * norm[0]["weight_decay"] == pytest.approx(0.5 * 1e-3)  # same decay per step
+    others = [g for g in optimizer.param_groups if not g.get("lr_scale")]
+    assert all(g["lr"] == 0.5 for g in others)  # conv and linear biases keep the schedule's LR
 
 
 def test_nesterov_option():

@@ -28,6 +28,10 @@ class ConvGroup(nn.Module):
         self.norm2 = nn.BatchNorm2d(c_out, momentum=0.4, eps=1e-12)
         for norm in (self.norm1, self.norm2):
             norm.weight.requires_grad_(False)  # scale frozen at 1: only the shift is learnt
+        for conv in (self.conv1, self.conv2):
+            # Partly identity at the start (airbench): the first c_in filters pass their channel through.
+            with torch.no_grad():
+                nn.init.dirac_(conv.weight[:conv.in_channels])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(self.conv1(x), 2)
