@@ -32,6 +32,10 @@ def train(config: TrainConfig | dict | None = None, **kwargs: Any) -> Result:
     else:
         options = {**(config or {}), **kwargs}
         cfg = build_config(options.pop("recipe", None) or options.pop("config", None), **options)
+    if cfg.strategy == "async-ps":  # its roles run their own loop
+        from cnntrain.dist.ps import run_async_ps
+
+        return run_async_ps(cfg)
     return run(cfg)
 
 

@@ -25,7 +25,7 @@ from cnntrain.errors import CnnTrainError, ConfigError
 log = logging.getLogger("cnntrain")
 
 SHORT = {"model": ["-n"], "batch_size": ["-b"], "epochs": ["-e"], "lr": ["-l"], "device": ["-c"],
-         "run_dir": ["-o", "--monitor-path"], "max_steps": ["-i"]}
+         "run_dir": ["-o", "--monitor-path"], "max_steps": ["-i"], "ps_count": ["--ps"]}
 
 
 def _field_help() -> dict[str, str]:
@@ -151,6 +151,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = build_config(args.recipe, **options)  # bad flags fail here, before any worker starts
+    if cfg.strategy == "async-ps":
+        from cnntrain.dist.ps import train_async_ps
+
+        return train_async_ps(cfg, args)
     if args.nproc_per_node:
         from cnntrain.dist.launch import is_launcher_child, launch_local, strip_launch_flags
 

@@ -100,6 +100,18 @@ class TrainConfig:
     compression_threshold: float = 0.0  # threshold: gradient entries with |g| >= this are sent (required, > 0)
     partial_update: bool = False  # local optimizer steps; one chunk of the parameters averaged across ranks per step
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
+    # --- asynchronous parameter server (--strategy async-ps) ---------------------------------
+    strategy: str = "sync"  # sync (one process, or data parallel under a launcher) | async-ps (parameter servers)
+    role: str = ""  # async-ps: ps | chief | worker | evaluator ("": start every role on this machine)
+    ps_index: int = -1  # --role ps: which parameter server this is (0-based)
+    worker_index: int = -1  # --role worker: which worker this is (1-based; the chief is worker 0)
+    ps_hosts: str = ""  # the parameter servers, host:port,host:port (the same on every role)
+    worker_hosts: str = ""  # the training processes, host[:port],... chief first (they only connect out)
+    ps_count: int = 0  # instead of --ps-hosts: this many ps on 127.0.0.1 from --dist-start-port (cifar-tf)
+    worker_count: int = 0  # instead of --worker-hosts: this many training processes on 127.0.0.1, chief included
+    dist_start_port: int = 0  # first ps port with --ps-count (0: 2222; free ports when every role starts here)
+    max_staleness: int = -1  # apply no gradient more than this many updates after its weights were pulled (-1: off)
+    evaluator: bool = False  # every role on this machine: also start an evaluator
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +130,8 @@ CHOICES = {
     "dist_backend": ("auto", "gloo", "nccl"),
     "grad_compression": ("none", "fp16", "bf16", "powersgd", "topk", "threshold"),
     "profile": ("none", "phases", "ops"),
+    "strategy": ("sync", "async-ps"),
+    "role": ("", "ps", "chief", "worker", "evaluator"),
 }
 DEVICE_ALIASES = {"cudnn": "cuda", "gpu": "cuda"}
 # Defaults that suit a data set better than the CIFAR-oriented ones above; a recipe or a flag
@@ -198,6 +212,9 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     _validate_exchange(cfg)
+    from cnntrain.dist.ps.cluster import validate_async_ps  # here: that module imports this one
+
+    validate_async_ps(cfg)
 
 
 def _validate_exchange(cfg: TrainConfig) -> None:

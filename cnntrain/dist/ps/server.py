@@ -1,0 +1,463 @@
+"""``--role ps``: hold a shard of the parameters and apply every gradient pushed to it.
+
+    cnntrain train --strategy async-ps --role ps --ps-index 0 --ps-hosts 10.0.0.1:2222 --worker-hosts ...
+
+The chief sends the initial weights (INIT). Each push is applied at once, in arrival order, by the
+same ``torch.optim`` optimizer the synchronous path builds (``build_optimizer``), over this shard's
+parameters as separate tensors, with the learning rate ``lr_at(version)``; momentum and Adam state
+stay here. ``version`` counts the updates applied, so the staleness of a gradient is the version
+at its push minus the version its worker pulled.
+
+BatchNorm running statistics (and every other state buffer) are sharded like the parameters: a
+worker pulls them with the weights, runs its batch, and pushes its new values; the ps adds the
+difference to its copy, so the copy is a running average over every worker's batches.
+
+``--max-staleness K`` (ps 0 decides): with ``n`` workers between their pull and their push (pulled
+at versions ``v_i``), a gradient can be applied at most ``version - v_i + n - 1`` updates late,
+since each of the others pushes at most once before it. A pull waits (first come, first served)
+until letting it in keeps that at most K for everyone, including itself (``n <= K``); pushes never
+wait. So no gradient is ever more than K updates stale, and K = 0 is sequential SGD. The client
+pushes to ps 1.. before ps 0 and pulls them after ps 0 lets it in, so ps 0's order holds on every
+shard.
+
+One thread serves each link. A link that breaks is a lost worker (logged; the others go on; the
+same index may connect again) unless it is the chief's, which ends the job: every later request
+is answered FAILED, and the ps exits with a ``DistributedError`` once its clients have gone (or
+``--dist-timeout`` has passed). After the chief's FINISH it answers DONE and exits the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from cnntrain.config import TrainConfig
+from cnntrain.dist.ps import protocol as P
+from cnntrain.dist.ps.cluster import (
+    CHIEF,
+    EVALUATOR,
+    PS,
+    WORKER,
+    Cluster,
+    ShardPlan,
+    config_fingerprint,
+    flatten,
+    role_name,
+)
+from cnntrain.dist.ps.transport import LinkError, Listener, Message, Peer
+from cnntrain.engine.larc import apply_larc
+from cnntrain.engine.optim import build_optimizer, lr_at, set_lr
+from cnntrain.errors import DistributedError
+from cnntrain.models.registry import create_model_for
+
+log = logging.getLogger("cnntrain")
+
+
+@dataclass
+class Client:
+    role: int
+    index: int
+    base: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))  # buffers last sent
+    outstanding: bool = False  # let in by --max-staleness, and not pushed yet
+    pulled_at: int = 0  # version it was let in at
+    said_bye: bool = False
+
+    @property
+    def worker(self) -> int | None:
+        return self.index if self.role in (CHIEF, WORKER) else None
+
+
+class _Shard(nn.Module):
+    """This ps's parameters as one module, so ``build_optimizer`` sees them as the trainer would."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+class ParameterServer:
+    def __init__(self, cfg: TrainConfig, cluster: Cluster, index: int) -> None:
+        self.cfg = cfg
+        self.cluster = cluster
+        self.index = index
+        self.name = cluster.ps_name(index)
+        self.timeout = cfg.dist_timeout
+        self.fingerprint = config_fingerprint(cfg)
+        self.cond = threading.Condition()
+        self.version = 0
+        self.total_steps = 0
+        self.initialised = False
+        self.finished_at: float | None = None
+        self.failure: tuple[int, int, int, str] | None = None  # role, index, cause, reporter
+        self.failed_at: float | None = None
+        self.run_stamp = 0
+        self.clients: dict[int, Client] = {}  # open links by link number
+        self.workers_alive = [False] * cluster.num_workers
+        self.joins = [0] * cluster.num_workers
+        self.losses = [0] * cluster.num_workers
+        self.updates = [0] * cluster.num_workers
+        self.staleness = [0] * P.STALENESS_BINS
+        self.scored_step = -1
+        self.evaluator_seen = False
+        self.bound = cfg.max_staleness if index == 0 else -1  # -1: off
+        self.queue: collections.deque[int] = collections.deque()
+        self.chief_seen = False
+        self.params: list[nn.Parameter] = []
+        self.buffers = torch.empty(0, dtype=torch.float64)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.steps_per_epoch = 1
+        self.base_lr = cfg.lr
+
+    # ------------------------------------------------------------------ main loop
+    def serve(self) -> dict:
+        """Accept links until training is over and every client has gone; raise if the job failed."""
+        host, port = self.cluster.ps[self.index]
+        listener = Listener(host, port, self.timeout, self.name)
+        log.info("%s: listening (%d workers, %s)", self.name, self.cluster.num_workers,
+                 f"max staleness {self.cfg.max_staleness}" if self.cfg.max_staleness >= 0 else "staleness unbounded")
+        started = time.monotonic()
+        threads: list[threading.Thread] = []
+        try:
+            while True:
+                peer = listener.accept()
+                if peer is not None:
+                    threads.append(threading.Thread(target=self._serve_link, args=(peer,), name=f"link {peer.number}",
+                                                    daemon=True))
+                    threads[-1].start()
+                    continue
+                with self.cond:
+                    now = time.monotonic()
+                    if not self.chief_seen and self.failure is None and now - started > self.timeout:
+                        self._fail(CHIEF, 0, P.NEVER_CONNECTED, "")
+                    ended = self.failed_at if self.failure is not None else self.finished_at
+                    if ended is not None and (not self.clients or now - ended > self.timeout):
+                        break
+                time.sleep(0.02)
+        finally:
+            listener.close()
+            for thread in threads:  # let finished links drop their gloo pairs before the interpreter exits
+                thread.join(timeout=1.0)
+        if self.failure is not None:
+            raise DistributedError(f"{self.name}: stopping: {self._failure_text()}")
+        if self.clients:
+            log.warning("%s: training finished; %d client(s) still connected after %.0f s: %s", self.name,
+                        len(self.clients), self.timeout,
+                        ", ".join(role_name(c.role, c.index, self.cluster) for c in self.clients.values()))
+        log.info("%s: done after %d updates", self.name, self.version)
+        return {"version": self.version, "updates": list(self.updates)}
+
+    def _failure_text(self) -> str:
+        role, index, cause, reporter = self.failure
+        who = role_name(role, index, self.cluster)
+        if cause == P.NEVER_CONNECTED:
+            return f"{who} did not connect within {self.timeout:.0f} s (--dist-timeout)"
+        text = f"{who} died, was killed or lost its connection"
+        return text + (f" (reported by {reporter})" if reporter else "")
+
+    def _fail(self, role: int, index: int, cause: int, reporter: str) -> None:
+        """Called with ``cond`` held: the job is ending; wake everyone waiting."""
+        if self.failure is None and self.finished_at is None:
+            self.failure = (role, index, cause, reporter)
+            self.failed_at = time.monotonic()
+            log.error("%s: %s; every role stops", self.name, self._failure_text())
+        self.cond.notify_all()
+
+    # ------------------------------------------------------------------ one link
+    def _serve_link(self, peer: Peer) -> None:
+        client: Client | None = None
+        try:
+            peer.open()
+            client = self._hello(peer, peer.recv(self.timeout))
+            if client is None:
+                return
+            with self.cond:
+                self.clients[peer.number] = client
+            while not client.said_bye:
+                msg = peer.recv(self.timeout)
+                peer.send(self._answer(peer.number, client, msg))
+        except LinkError as exc:
+            if client is not None:
+                self._lost(client, str(exc))
+        except Exception:  # a bug here must not leave the job hanging: end it, loudly
+            log.exception("%s: internal error while serving %s", self.name,
+                          role_name(client.role, client.index, self.cluster) if client else "a link")
+            with self.cond:
+                self._fail(PS, self.index, P.LOST, "itself (internal error)")
+        finally:
+            peer.close()
+            with self.cond:
+                if client is not None:
+                    self._leave(client)
+                    self.clients.pop(peer.number, None)
+                self.cond.notify_all()
+
+    def _hello(self, peer: Peer, msg: Message) -> Client | None:
+        if msg.op != P.HELLO or len(msg.numbers) < 6:
+            raise LinkError("a client that does not speak this protocol connected")
+        role, index, fingerprint, workers, num_ps, ps = (int(v) for v in msg.numbers[:6])
+        refuse = None
+        with self.cond:
+            if fingerprint != self.fingerprint:
+                refuse = (P.BAD_CONFIG, 0)
+            elif workers != self.cluster.num_workers or num_ps != self.cluster.num_ps:
+                refuse = (P.BAD_CLUSTER, self.cluster.num_workers, self.cluster.num_ps)
+            elif ps != self.index:
+                refuse = (P.WRONG_PS, self.index)
+            elif role in (CHIEF, WORKER) and self.workers_alive[index]:
+                refuse = (P.DUPLICATE, index)
+            if refuse is None:
+                client = Client(role, index)
+                if client.worker is not None:
+                    self.workers_alive[index] = True
+                    self.joins[index] += 1
+                    if self.joins[index] > 1:
+                        log.warning("%s: %s rejoined (its connection %d)", self.name, role_name(role, index),
+                                    self.joins[index])
+                    else:
+                        log.info("%s: %s connected", self.name, role_name(role, index))
+                if role == CHIEF:
+                    self.chief_seen = True
+                if role == EVALUATOR:
+                    self.evaluator_seen = True
+                    log.info("%s: the evaluator connected", self.name)
+        if refuse is not None:
+            peer.send(Message(P.REFUSED, refuse))
+            return None
+        with self.cond:
+            failure = self.failure
+            finished = int(self.finished_at is not None)
+            reply = Message(P.OK, (self.index, int(self.initialised), self.run_stamp, finished))
+        peer.send(Message(P.FAILED, failure[:3]) if failure else reply)
+        return client
+
+    def _lost(self, client: Client, why: str) -> None:
+        with self.cond:
+            who = role_name(client.role, client.index, self.cluster)
+            if client.worker is not None:
+                self.workers_alive[client.index] = False
+            if client.role == EVALUATOR:
+                self.evaluator_seen = False
+            if client.said_bye or self.failure is not None or self.finished_at is not None:
+                return
+            if client.role == CHIEF:
+                self._fail(CHIEF, 0, P.LOST, "")
+            elif client.role == WORKER:
+                self.losses[client.index] += 1
+                alive = sum(self.workers_alive)
+                log.warning("%s: %s lost (%s); training goes on with %d worker(s); the same --worker-index may "
+                            "rejoin", self.name, who, why, alive)
+            elif client.role == EVALUATOR:
+                log.warning("%s: %s lost (%s)", self.name, who, why)
+
+    def _status_reply(self, ok: Message) -> Message:
+        """FAILED or DONE when the job is over, else ``ok`` (call without ``cond`` held)."""
+        with self.cond:
+            if self.failure is not None:
+                role, index, cause, _ = self.failure
+                return Message(P.FAILED, (role, index, cause))
+            if self.finished_at is not None:
+                return Message(P.DONE, (self.version,))
+        return ok
+
+    # ------------------------------------------------------------------ requests
+    def _answer(self, link: int, client: Client, msg: Message) -> Message:
+        op = msg.op
+        if op == P.PING:
+            return self._status_reply(Message(P.OK))
+        if op == P.BYE:
+            client.said_bye = True
+            return Message(P.OK)
+        if op == P.ABORT:
+            reporter = role_name(client.role, client.index, self.cluster)
+            with self.cond:
+                self._fail(int(msg.numbers[0]), int(msg.numbers[1]), P.REPORTED, reporter)
+            return self._status_reply(Message(P.OK))
+        if op == P.STATS:
+            return self._stats()
+        if op == P.SCORED:
+            with self.cond:
+                self.scored_step = max(self.scored_step, int(msg.numbers[0]))
+            return self._status_reply(Message(P.OK))
+        if op == P.FINISH:
+            with self.cond:
+                if self.failure is None and self.finished_at is None:
+                    self.finished_at = time.monotonic()
+                    log.info("%s: the chief finished at update %d", self.name, self.version)
+                self.cond.notify_all()
+            return Message(P.OK)
+        if op == P.INIT:
+            return self._init(msg)
+        if op == P.SNAPSHOT:
+            return self._snapshot()
+        if op == P.PULL:
+            return self._pull(link, client, bool(msg.numbers[0]))
+        if op == P.PUSH:
+            return self._push(link, client, msg)
+        raise LinkError(f"unknown request {op}")
+
+    def _wait_initialised(self) -> Message | None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.initialised or self.failure is not None or self.finished_at is not None,
+                               timeout=max(self.timeout / 4, 0.5))
+            if self.failure is None and self.finished_at is None and not self.initialised:
+                return Message(P.RETRY)
+        return None
+
+    def _pull(self, link: int, client: Client, admit: bool) -> Message:
+        retry = self._wait_initialised()
+        if retry is not None:
+            return retry
+        with self.cond:
+            if self.version >= self.total_steps and self.failure is None:
+                return Message(P.DONE, (self.version,))
+        if admit and self.bound >= 0 and not self._admit(link, client):
+            return self._status_reply(Message(P.RETRY))
+        with self.cond:
+            params = flatten(self.params)
+            client.base = self.buffers.clone()
+            version = self.version
+        return self._status_reply(Message(P.OK, (version,), (params, client.base)))
+
+    def _admissible(self, client: Client) -> bool:
+        """Whether letting ``client`` pull now keeps every gradient at most ``bound`` updates stale."""
+        pulled = [c.pulled_at for c in self.clients.values() if c.outstanding and c is not client]
+        n = len(pulled)
+        return n <= self.bound and all(self.version - v + n <= self.bound for v in pulled)
+
+    def _admit(self, link: int, client: Client) -> bool:
+        """Wait, first come first served, until ``client`` may pull (see the module docstring)."""
+        with self.cond:
+            if client.outstanding:
+                return True
+            self.queue.append(link)
+            try:
+                ok = self.cond.wait_for(
+                    lambda: self.failure is not None or self.finished_at is not None or self.version >= self.total_steps
+                    or (self.queue[0] == link and self._admissible(client)), timeout=max(self.timeout / 4, 0.5))
+            finally:
+                self.queue.remove(link)
+                self.cond.notify_all()
+            if ok and self.failure is None and self.finished_at is None and self.version < self.total_steps:
+                client.outstanding, client.pulled_at = True, self.version
+                return True
+            return False
+
+    def _leave(self, client: Client) -> None:
+        """``client`` pushed (or left): it no longer counts against the staleness bound."""
+        if client.outstanding:
+            client.outstanding = False
+            self.cond.notify_all()
+
+    def _push(self, link: int, client: Client, msg: Message) -> Message:
+        pulled, leave, then_pull, admit = (int(v) for v in msg.numbers[:4])
+        grads, buffers = msg.tensors
+        retry = self._wait_initialised()
+        if retry is not None:
+            return retry
+        with self.cond:
+            if self.failure is None and self.finished_at is None and self.version < self.total_steps:
+                if buffers.numel() and buffers.numel() == client.base.numel():
+                    self.buffers += buffers - client.base
+                if grads.numel():
+                    self.staleness[min(self.version - pulled, P.STALENESS_BINS - 1)] += 1
+                    self._apply(grads)
+                    if client.worker is not None:
+                        self.updates[client.worker] += 1
+            if leave:
+                self._leave(client)
+            version = self.version
+            over = version >= self.total_steps
+        if over:
+            return self._status_reply(Message(P.DONE, (version,)))
+        if then_pull:
+            return self._pull(link, client, bool(admit))
+        return self._status_reply(Message(P.OK, (version,)))
+
+    def _apply(self, flat: torch.Tensor) -> None:
+        """One optimizer step on this shard (called with ``cond`` held)."""
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(flat[offset:offset + n].view(p.shape))
+            offset += n
+        lr = lr_at(self.version, self.cfg, self.base_lr, self.steps_per_epoch, self.total_steps)
+        set_lr(self.optimizer, lr)
+        if self.cfg.larc_mode != "none":
+            apply_larc(self.optimizer, lr, self.cfg.larc_mode, self.cfg.larc_eta, self.cfg.larc_eps)
+        self.optimizer.step()
+        self.version += 1
+
+    def _init(self, msg: Message) -> Message:
+        (step, classes, c, h, w, steps_per_epoch, total, base_lr, stamp, mask) = msg.numbers[:10]
+        shape = (int(c), int(h), int(w))
+        try:
+            with torch.device("meta"):
+                model = create_model_for(self.cfg.model, int(classes), shape, **self.cfg.model_kwargs)
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta is built for real
+            model = create_model_for(self.cfg.model, int(classes), shape, **self.cfg.model_kwargs)
+        plan = ShardPlan.for_model(model, self.cluster.num_ps)
+        params = [nn.Parameter(torch.empty(plan.param_shapes[i])) for i in plan.params_of(self.index)]
+        flat_params, buffers, *state = msg.tensors
+        offset = 0
+        for p in params:
+            p.data.copy_(flat_params[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        if offset != flat_params.numel():
+            raise LinkError(f"INIT carries {flat_params.numel()} values for {offset} parameters")
+        optimizer = build_optimizer(_Shard(params), self.cfg, "cpu")
+        keys = [k for i, k in enumerate(P.STATE_KEYS[self.cfg.optimizer]) if int(mask) >> i & 1]
+        for key, flat in zip(keys, state):
+            offset = 0
+            for p in params:
+                n = 1 if key == "step" else p.numel()
+                value = flat[offset:offset + n]
+                optimizer.state[p][key] = value.view(()).clone() if key == "step" else value.view(p.shape).clone()
+                offset += n
+        with self.cond:
+            self.params, self.buffers, self.optimizer = params, buffers.clone(), optimizer
+            self.version, self.total_steps = int(step), int(total)
+            self.steps_per_epoch, self.base_lr, self.run_stamp = int(steps_per_epoch), float(base_lr), int(stamp)
+            self.initialised = True
+            self.cond.notify_all()
+        log.info("%s: %d parameter tensors (%.2f M values), %d state values, from update %d of %d", self.name,
+                 len(params), sum(p.numel() for p in params) / 1e6, buffers.numel(), int(step), int(total))
+        return Message(P.OK)
+
+    def _snapshot(self) -> Message:
+        retry = self._wait_initialised()
+        if retry is not None:
+            return retry
+        with self.cond:
+            params, buffers, version = flatten(self.params), self.buffers.clone(), self.version
+            mask, state = 0, []
+            for i, key in enumerate(P.STATE_KEYS[self.cfg.optimizer]):
+                values = [self.optimizer.state.get(p, {}).get(key) for p in self.params]
+                if values and all(isinstance(v, torch.Tensor) for v in values):
+                    mask |= 1 << i
+                    state.append(flatten(values))
+        return Message(P.OK, (version, mask), (params, buffers, *state))
+
+    def _stats(self) -> Message:
+        with self.cond:
+            if self.failure is not None:
+                return Message(P.FAILED, self.failure[:3])
+            numbers = (self.version, self.total_steps, int(self.finished_at is not None), int(self.evaluator_seen),
+                       self.scored_step, self.run_stamp, int(self.initialised))
+            tensors = (torch.tensor(self.staleness, dtype=torch.int64), torch.tensor(self.updates, dtype=torch.int64),
+                       torch.tensor(self.workers_alive, dtype=torch.int64), torch.tensor(self.joins, dtype=torch.int64),
+                       torch.tensor(self.losses, dtype=torch.int64))
+        return Message(P.OK, numbers, tensors)
+
+
+def run_ps(cfg: TrainConfig, cluster: Cluster) -> dict:
+    """Serve as ``--ps-index`` until the job ends."""
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    return ParameterServer(cfg, cluster, cfg.ps_index).serve()
