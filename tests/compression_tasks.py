@@ -26,7 +26,7 @@ from cnntrain.dist.env import detect_launch
 from cnntrain.dist.strategy import DataParallel
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.models.registry import create_model_for
-from tests.dist_tasks import gather_list
+from tests.dist_tasks import gather_list, report_from_every_rank
 
 STEPS = 6
 
@@ -203,15 +203,7 @@ def main(task: str, out_path: str, data_dir: str = "", ports: str = "") -> None:
             with open(out_path, "w") as f:
                 json.dump(report, f)
         return
-    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    try:
-        report = hooks_report()
-        if dist.get_rank() == 0:
-            with open(out_path, "w") as f:
-                json.dump(report, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    report_from_every_rank(out_path, hooks_report)
 
 
 if __name__ == "__main__":

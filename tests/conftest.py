@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 # Tests import shared helpers as ``tests.<module>``; plain ``pytest`` (unlike ``python -m pytest``)
 # does not put the repository root on sys.path, so do it here (conftest loads before any test).
@@ -33,3 +35,12 @@ def real_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} is absent (set CNNTRAIN_REAL_DATA)")
     return path
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group for collective code run in the test process itself."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=10))
+    yield
+    dist.destroy_process_group()

@@ -93,17 +93,23 @@ def compression_report() -> dict:
     return results
 
 
-def main(out_path: str) -> None:
-    torch.set_num_threads(1)
+def report_from_every_rank(out_path: str, make_report) -> None:
+    """Join the gloo group the launcher's environment describes, run ``make_report()`` on every rank
+    (it may use collectives) and write rank 0's result to ``out_path`` as JSON."""
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     try:
-        report = {"shards": shard_report(), "compression": compression_report()}
+        report = make_report()
         if dist.get_rank() == 0:
             with open(out_path, "w") as f:
                 json.dump(report, f)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def main(out_path: str) -> None:
+    torch.set_num_threads(1)
+    report_from_every_rank(out_path, lambda: {"shards": shard_report(), "compression": compression_report()})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ exactness, error feedback, rank agreement and accuracy on 2 real gloo ranks
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import socket
@@ -13,7 +12,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from cnntrain.cli import main
 from cnntrain.config import build_config
@@ -67,14 +65,6 @@ def test_topk_takes_the_largest_magnitudes_and_threshold_those_not_below_it():
     bad = torch.tensor([0.1, float("nan"), 0.2, float("inf")])
     assert sorted(SparseState("threshold", threshold=0.5).select(bad).tolist()) == [1, 3]
     assert sorted(SparseState("topk", ratio=0.5).select(bad).tolist()) == [1, 3]
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=10))
-    yield
-    dist.destroy_process_group()
 
 
 def test_partial_chunks_cover_every_entry_once_per_cycle(one_rank_group):

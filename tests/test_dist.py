@@ -3,8 +3,6 @@ error classification, resume after an elastic restart, coalesced all-reduce. No 
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -87,14 +85,6 @@ def test_an_elastic_restart_resumes_only_when_a_checkpoint_exists(tmp_path, monk
     cfg.resume = ""
     resume_after_restart(cfg, main=True)
     assert cfg.resume == ""  # restarts off: never resume behind the user's back
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=10))
-    yield
-    dist.destroy_process_group()
 
 
 def test_coalesced_all_reduce_averages_and_compresses_in_place(one_rank_group):
