@@ -206,6 +206,17 @@ def test_max_staleness_bounds_every_applied_gradient(tmp_path, bound):
     assert sum(w["updates"] for w in result.summary["workers"].values()) == 16
 
 
+def _chief_linked_to_one_ps(options: dict, cluster, total_steps: int):
+    """(model, shard plan, chief client) after the chief has connected and initialised the one ps
+    with a LeNet for 1x28x28 images, batch 8 and ``total_steps`` updates."""
+    model = create_model("lenet", 10)
+    plan = ShardPlan.for_model(model, 1)
+    chief = PsClient(build_config(**options, role="chief"), cluster, CHIEF, 0)
+    chief.connect()
+    chief.init(model, plan, (0, 10, 1, 28, 28, 8, total_steps, 0.1, 1), None)
+    return model, plan, chief
+
+
 def test_a_worker_that_drops_out_is_reported_and_the_same_index_rejoins(tmp_path):
     """A worker whose links vanish (no goodbye) is counted lost; a new process with its index gets
     the current weights and its pushes count again."""
@@ -214,11 +225,7 @@ def test_a_worker_that_drops_out_is_reported_and_the_same_index_rejoins(tmp_path
     cluster = cluster_from_config(ps_cfg)
     server = threading.Thread(target=run_ps, args=(ps_cfg, cluster), daemon=True)
     server.start()
-    model = create_model("lenet", 10)
-    plan = ShardPlan.for_model(model, 1)
-    chief = PsClient(build_config(**options, role="chief"), cluster, CHIEF, 0)
-    chief.connect()
-    chief.init(model, plan, (0, 10, 1, 28, 28, 8, 100000, 0.1, 1), None)
+    model, plan, chief = _chief_linked_to_one_ps(options, cluster, total_steps=100000)
     for attempt in (1, 2):
         worker = PsClient(build_config(**options, role="worker", worker_index=1), cluster, WORKER, 1)
         worker.connect()
@@ -255,11 +262,7 @@ def test_a_lost_chief_ends_the_ps_and_the_workers_with_its_name(tmp_path):
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    model = create_model("lenet", 10)
-    plan = ShardPlan.for_model(model, 1)
-    chief = PsClient(build_config(**options, role="chief"), cluster, CHIEF, 0)
-    chief.connect()
-    chief.init(model, plan, (0, 10, 1, 28, 28, 8, 1000, 0.1, 1), None)
+    model, plan, chief = _chief_linked_to_one_ps(options, cluster, total_steps=1000)
     worker = PsClient(build_config(**options, role="worker", worker_index=1), cluster, WORKER, 1)
     worker.connect()
     worker.bind(create_model("lenet", 10), plan)
