@@ -328,8 +328,10 @@ def test_async_job_trains_like_sync_and_the_evaluator_scores_each_checkpoint_onc
     """1 ps, the chief and 2 workers, an evaluator, all started by the local launcher, on CIFAR-format
     files: the accuracy is the synchronous run's within 2 points; each checkpoint has one eval row."""
     write_cifar_python_tar(tmp_path / "data", 10, n_train=1280, n_test=200)
+    # Asynchrony adds implicit momentum (Mitliagkas et al., 2016), so the explicit momentum is lowered: at 0.9
+    # the async run sometimes still had one class wrong after 600 steps on a loaded machine.
     options = dict(dataset="cifar10", data_dir=str(tmp_path / "data"), verify=False, download=False, epochs=15,
-                   lr=0.01, grad_clip=1.0, augment="none", display_every=40, progress="log")
+                   lr=0.03, momentum=0.5, grad_clip=1.0, augment="none", display_every=40, progress="log")
     sync = cnntrain.train(tiny(tmp_path / "sync", **options))
     run = tmp_path / "async"
     log = tmp_path / "job.log"
