@@ -121,7 +121,7 @@ def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
         std = meta.get("std") or data.std
         loader = build_eval_loader(cfg, data.val, strategy.device, mean, std, strategy.rank, strategy.world_size)
         return score(model, loader.iterate(0), data.num_classes, precision=cfg.precision,
-                     device=strategy.device, confusion=True, tta_flip=cfg.tta_flip,
+                     device=strategy.device, confusion=True, tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate,
                      all_reduce=strategy.all_reduce_sum if strategy.world_size > 1 else None)
     finally:
         strategy.teardown()

@@ -36,6 +36,7 @@ class TrainConfig:
     augment: str = "auto"  # auto | none | flip | crop-flip | translate-flip
     pad: int = 4  # pixels of padding for crop / translate augmentation
     cutout: int = 0  # side of the square cut out of each training image (0: off)
+    alternate_flip: bool = False  # in-memory sets: mirror each image in every other epoch (random start)
     drop_last: bool = False  # drop the last partial batch of each epoch (fixed shapes for compile)
     # --- input pipeline ----------------------------------------------------------------------
     pipeline: str = "auto"  # auto (stream large or mixed-size folders) | memory | stream (DataLoader workers)
@@ -65,7 +66,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global gradient norm (0: off)
     ema_decay: float = 0.0  # exponential moving average of weights (0: off), evaluated instead
+    lookahead: int = 0  # every this many steps pull the weights back toward a slow copy (0: off)
+    lookahead_alpha: float = 0.95  # per-step lookahead rate; the pull ramps as (alpha^k) * (step/total)^3
     tta_flip: bool = False  # evaluate each image and its mirror image, logits averaged
+    tta_translate: int = 0  # also evaluate the views shifted by this many pixels (0: off)
     larc_mode: str = "none"  # none | clip | scale
     larc_eta: float = 0.003
     larc_eps: float = 1e-8
@@ -211,6 +215,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--lr-schedule multistep needs --lr-milestones (epochs, e.g. 100 150)")
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.lookahead < 0 or not 0 < cfg.lookahead_alpha < 1:
+        raise ConfigError(f"--lookahead must be >= 0 and --lookahead-alpha in (0, 1), got {cfg.lookahead} and "
+                          f"{cfg.lookahead_alpha}")
     _validate_exchange(cfg)
     from cnntrain.dist.ps.cluster import validate_async_ps  # here: that module imports this one
 
@@ -227,8 +234,9 @@ def _validate_exchange(cfg: TrainConfig) -> None:
     if cfg.partial_update and cfg.grad_compression != "none":
         raise ConfigError(f"--partial-update averages parameters, not gradients: it cannot be combined with "
                           f"--grad-compression {cfg.grad_compression}; drop one")
-    if cfg.partial_update and cfg.ema_decay:
-        raise ConfigError("--partial-update with --ema-decay: each rank would average its own weights; drop one")
+    if cfg.partial_update and (cfg.ema_decay or cfg.lookahead):
+        raise ConfigError("--partial-update with --ema-decay or --lookahead: each rank would average its own "
+                          "weights; drop one")
     if cfg.grad_compression in ("topk", "threshold") and cfg.precision == "fp16":
         raise ConfigError(f"--grad-compression {cfg.grad_compression} keeps unsent gradient entries across steps, "
                           f"which fp16's changing loss scale would corrupt: use --precision fp32 or bf16")

@@ -51,6 +51,7 @@ ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     (dict(role="chief", ps_hosts="a", worker_count=1), "is not host:port"),
     (dict(max_staleness=-2, ps_count=1, worker_count=1), "--max-staleness"),
     (dict(ema_decay=0.99, ps_count=1, worker_count=1), "--ema-decay is not supported"),
+    (dict(lookahead=5, ps_count=1, worker_count=1), "--lookahead is not supported"),
 ])
 def test_bad_async_ps_options_are_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -32,6 +32,7 @@ ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ({"grad_compression": "threshold"}, "needs --compression-threshold T > 0"),
     ({"partial_update": True, "grad_compression": "topk"}, "cannot be combined with --grad-compression topk"),
     ({"partial_update": True, "ema_decay": 0.99}, "--partial-update with --ema-decay"),
+    ({"partial_update": True, "lookahead": 5}, "--partial-update with --ema-decay or --lookahead"),
     ({"grad_compression": "topk", "precision": "fp16"}, "use --precision fp32 or bf16"),
 ])
 def test_bad_combinations_are_refused_with_a_clear_message(options, message):

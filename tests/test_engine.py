@@ -54,9 +54,13 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch, precision):
+FAST_RECIPE_PARTS = dict(lookahead=2, alternate_flip=True, augment="translate-flip")
+
+
+@pytest.mark.parametrize("precision,extra", [("fp32", {}), ("bf16", {}), ("fp16", {}), ("fp32", FAST_RECIPE_PARTS)])
+def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch, precision, extra):
     options = dict(save_every=3, ema_decay=0.9, label_smoothing=0.1, display_every=5, precision=precision)
+    options.update(extra)
     full = cnntrain.train(tiny(tmp_path / "full", **options))
     part = tiny(tmp_path / "part", **options)
     real_save = ckpt.save_checkpoint
@@ -181,3 +185,24 @@ def test_fp16_overflow_steps_are_skipped_and_counted_not_trained_on(tmp_path):
     assert result.summary["skipped_steps"] == 6
     w0, w1 = weights(start.run_dir), weights(result.run_dir)
     assert all(torch.allclose(w0[k], w1[k], atol=1e-9) for k in w0 if w0[k].is_floating_point())
+
+
+class _Corners(torch.nn.Module):
+    """Logits = the top-left and bottom-right pixels of channel 0: shows which views were scored."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0, 0, 0], x[:, 0, -1, -1]], dim=1)
+
+
+def test_test_time_augmentation_weights_the_views_as_documented():
+    from cnntrain.engine.evaluate import evaluate, tta_logits
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)  # x[r, c] = 4r + c
+    model = _Corners()
+    assert torch.equal(tta_logits(model, x), torch.tensor([[0.0, 15.0]]))
+    # Mirror: the top-left of the mirror image is x[0, 3].
+    assert torch.equal(tta_logits(model, x, flip=True), torch.tensor([[1.5, 13.5]]))
+    # Shifted by 1 with reflection, both corners of both shifted views read x[1, 1] = 5 and x[2, 2] = 10.
+    assert torch.equal(tta_logits(model, x, translate=1), torch.tensor([[0.5 * 0 + 0.5 * 5, 0.5 * 15 + 0.5 * 10]]))
+    result = evaluate(model, [(x, torch.tensor([1]))], 2, device=x.device, tta_flip=True, tta_translate=1)
+    assert result.count == 1 and result.top1 == 1.0

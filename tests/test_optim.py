@@ -113,3 +113,46 @@ def test_fp32_scaler_is_identity():
     s = LossScaler.for_precision("fp32")
     assert s.scale == 1.0 and not s.dynamic
     assert math.isclose(float(s.scale_loss(torch.tensor(3.0))), 3.0)
+
+
+def test_fastnet_whitening_bias_trains_for_its_first_epochs_only():
+    from cnntrain.models import create_model
+
+    net = create_model("fastnet", 10, whiten_bias_epochs=2)
+    cfg = build_config(model="fastnet", lr=0.5)
+    opt = build_optimizer(net, cfg, "cpu")
+    (timed,) = [g for g in opt.param_groups if "until_epoch" in g]
+    assert timed["params"] == [net.whiten.bias] and timed["until_epoch"] == 2
+    assert all(net.whiten.bias is not p for g in opt.param_groups if g is not timed for p in g["params"])
+    x = torch.randn(4, 3, 32, 32)
+
+    def step(epoch):
+        before = net.whiten.bias.detach().clone()
+        set_lr(opt, 0.5, epoch)
+        net(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        return not torch.equal(before, net.whiten.bias)
+
+    assert step(1.9) and timed["lr"] == 0.5
+    assert not step(2.0) and timed["lr"] == 0.0  # momentum and decay leave it alone too
+    assert not any(g["lr"] == 0 for g in opt.param_groups if g is not timed)
+
+
+def test_lookahead_pulls_back_by_a_cubic_ramp_and_ends_on_the_slow_weights():
+    from cnntrain.engine.lookahead import Lookahead
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(0.0)
+    la = Lookahead(net, every=2, alpha=0.5, total_steps=4)
+    net.weight.data.fill_(1.0)
+    la.after_step(1)  # not a multiple of 2: nothing happens
+    assert net.weight.item() == 1.0
+    la.after_step(2)  # pull-back 0.5^2 * (2/4)^3 = 1/32 toward the slow 0
+    assert net.weight.item() == pytest.approx(1 - 1 / 32) and la.slow[0].item() == pytest.approx(1 - 1 / 32)
+    net.weight.data.fill_(5.0)
+    la.after_step(3)
+    net.weight.data.fill_(7.0)
+    la.after_step(4)  # 0.25 of the way back, then the live weights take the slow ones
+    expected = (1 - 1 / 32) * 0.25 + 7.0 * 0.75
+    assert net.weight.item() == pytest.approx(expected) and la.slow[0].item() == pytest.approx(expected)

@@ -87,3 +87,34 @@ def test_flip_flips_about_half_and_only_horizontally():
     same = (out == images).flatten(1).all(1)
     assert bool((flipped | same).all())
     assert 60 < int(flipped.sum()) < 140
+
+
+def test_alternate_flip_shows_every_image_both_ways_in_consecutive_epochs():
+    # Rows differ left to right, so a mirrored image is told apart from the original.
+    images = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8).expand(40, 3, 8, 8).contiguous()
+    data = ArrayDataset(images, torch.arange(40), [str(i) for i in range(40)])  # label = image index
+    loader = _loader(data, augment=Augment.from_name("flip", alternate_flip=True), mean=(0,) * 3, std=(1 / 255,) * 3)
+
+    def mirrored(epoch):
+        flags = {}
+        for x, y in loader.iterate(epoch):
+            for image, label in zip(x, y):
+                flags[int(label)] = bool(image[0, 0, 0] == 7)
+        return flags
+
+    e0, e1, e2 = mirrored(0), mirrored(1), mirrored(2)
+    assert sorted(e0) == sorted(e1) == list(range(40))
+    assert all(e0[i] != e1[i] for i in e0)  # each image once each way over two epochs
+    assert e0 == e2
+    assert 8 < sum(e0.values()) < 32  # the starting side is random per image
+
+
+def test_translate_pads_by_reflection_and_crop_by_zeros():
+    images = (torch.arange(64).view(1, 1, 8, 8) + 1).to(torch.uint8)
+    shift = torch.tensor([0])  # offset 0: the top-left corner of the padded image
+    zero = random_crop(images, 2, shift, shift)
+    reflected = random_crop(images, 2, shift, shift, mode="reflect")
+    assert (zero[0, 0, :2] == 0).all() and (zero[0, 0, :, :2] == 0).all()
+    assert torch.equal(reflected[0, 0, 2:, 2:], images[0, 0, :6, :6])
+    assert torch.equal(reflected[0, 0, 0, 2:], images[0, 0, 2, :6])  # row -2 mirrors row 2
+    assert Augment.from_name("translate-flip", pad=2).reflect and not Augment.from_name("crop-flip", pad=2).reflect

@@ -29,42 +29,54 @@ def mix_seed(*parts: int) -> int:
 
 @dataclass(frozen=True)
 class Augment:
-    """Batched augmentation of uint8 images: random crop of a padded image (or translate), flip,
-    cutout."""
+    """Batched augmentation of uint8 images: random crop of a zero-padded image (``crop-flip``, He et
+    al.) or of a reflect-padded one (``translate-flip``, airbench), flip, cutout.
+
+    ``alternate_flip`` (airbench): the caller passes each image's flip, which alternates from one
+    epoch to the next from a random start, so every image is seen both ways in any two epochs.
+    """
 
     flip: bool = True
-    pad: int = 0  # crop from an image zero-padded by this many pixels on every side
+    pad: int = 0  # crop from an image padded by this many pixels on every side
+    reflect: bool = False  # pad by reflection instead of zeros
     cutout: int = 0  # side of a random square set to zero (0: off)
+    alternate_flip: bool = False
 
     @classmethod
-    def from_name(cls, name: str, pad: int = 4, cutout: int = 0) -> Augment | None:
+    def from_name(cls, name: str, pad: int = 4, cutout: int = 0, alternate_flip: bool = False) -> Augment | None:
         if name == "none":
             return None if not cutout else cls(flip=False, pad=0, cutout=cutout)
-        if name == "flip":
-            return cls(flip=True, pad=0, cutout=cutout)
-        if name in ("crop-flip", "translate-flip"):
-            return cls(flip=True, pad=pad, cutout=cutout)
+        if name in ("flip", "crop-flip", "translate-flip"):
+            return cls(flip=True, pad=0 if name == "flip" else pad, reflect=name == "translate-flip", cutout=cutout,
+                       alternate_flip=alternate_flip)
         raise ValueError(f"unknown augmentation {name!r}")
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 flips: torch.Tensor | None = None) -> torch.Tensor:
         n, _, h, w = images.shape
         device = images.device
         if self.pad:
             shifts = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator).to(device)
-            images = random_crop(images, self.pad, shifts[0], shifts[1])
+            images = random_crop(images, self.pad, shifts[0], shifts[1], "reflect" if self.reflect else "constant")
         if self.flip:
-            flips = (torch.rand(n, generator=generator) < 0.5).to(device)
-            images = torch.where(flips[:, None, None, None], images.flip(3), images)
+            if flips is None:
+                flips = torch.rand(n, generator=generator) < 0.5
+            images = torch.where(flips.to(device)[:, None, None, None], images.flip(3), images)
         if self.cutout:
             centres = torch.rand(2, n, generator=generator).to(device)
             images = cutout(images, self.cutout, (centres[0] * h).long(), (centres[1] * w).long())
         return images
 
 
-def random_crop(images: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """Crop each image of the zero-padded batch at its own offset (dy, dx) in [0, 2*pad]."""
+def random_crop(images: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor,
+                mode: str = "constant") -> torch.Tensor:
+    """Crop each image of the padded batch (zeros, or ``mode="reflect"``) at its own offset (dy, dx)
+    in [0, 2*pad]."""
     n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    if mode == "reflect":  # reflect padding is not implemented for uint8
+        padded = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect").to(images.dtype)
+    else:
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     rows = dy[:, None] + torch.arange(h, device=images.device)  # [N, H]
     cols = dx[:, None] + torch.arange(w, device=images.device)  # [N, W]
     batch = torch.arange(n, device=images.device)[:, None, None]
@@ -163,6 +175,10 @@ class DeviceLoader(BatchPlan):
         self.augment = augment
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
+        self.flip_phase = None
+        if augment is not None and augment.flip and augment.alternate_flip:
+            g = torch.Generator().manual_seed(mix_seed(seed, len(data), 0xF11B))
+            self.flip_phase = torch.rand(len(data), generator=g) < 0.5  # image i is mirrored in epoch 0
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) for steps ``start_step..`` of ``epoch``."""
@@ -172,5 +188,6 @@ class DeviceLoader(BatchPlan):
             images = self.images[idx]
             if self.augment is not None:
                 g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, step))
-                images = self.augment(images, g)
+                flips = None if self.flip_phase is None else self.flip_phase[idx.cpu()] ^ bool(epoch % 2)
+                images = self.augment(images, g, flips)
             yield self.normalise(images), self.labels[idx]

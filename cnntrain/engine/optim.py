@@ -22,11 +22,17 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, nor
     BatchNorm shifts tens of times faster than the weights.
     """
     norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
-    decay, no_decay, norm = [], [], []
-    for p in model.parameters():
+    decay, no_decay, norm, timed = [], [], [], []
+    # A model may train some parameters for its first epochs only (fastnet's whitening bias): a
+    # group of their own whose LR set_lr zeroes after ``until_epoch`` (a frozen flag would upset DDP).
+    limits = getattr(model, "trainable_epochs", {})
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if norm_lr_scale != 1 and id(p) in norm_ids:
+        if name in limits:
+            timed.append({"params": [p], "weight_decay": weight_decay, "larc_exclude": True,
+                          "until_epoch": float(limits[name])})
+        elif norm_lr_scale != 1 and id(p) in norm_ids:
             norm.append(p)
         else:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -40,7 +46,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, nor
         # Decay per step is lr * weight_decay: divided by the scale, a faster LR does not decay faster.
         groups.append({"params": norm, "weight_decay": weight_decay / norm_lr_scale if decay_bn_bias else 0.0,
                        "larc_exclude": True, "lr_scale": norm_lr_scale})
-    return [g for g in groups if g["params"]]
+    return [g for g in groups if g["params"]] + timed
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
@@ -91,6 +97,8 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float, steps_per_epoch: int, tot
     raise ValueError(f"unknown schedule {kind!r}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, epoch: float = 0.0) -> None:
+    """Each group's LR: ``lr`` times its ``lr_scale``, or 0 from its ``until_epoch`` on."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        live = epoch < group.get("until_epoch", math.inf)
+        group["lr"] = lr * group.get("lr_scale", 1.0) if live else 0.0

@@ -28,6 +28,7 @@ from cnntrain.dist.strategy import Strategy, make_strategy
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import EvalResult, evaluate, main_logits
 from cnntrain.engine.larc import apply_larc
+from cnntrain.engine.lookahead import Lookahead
 from cnntrain.engine.metrics import MetricsLog, write_summary
 from cnntrain.engine.optim import build_optimizer, lr_at, set_lr
 from cnntrain.engine.plots import plot_curves
@@ -199,6 +200,9 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         step, best_top1, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
         _warn_config_changes(config_from_dict(state["config"]), cfg)
         log.info("resumed from %s at step %d (epoch %.2f)", resume_path, step, step / steps_per_epoch)
+    lookahead = Lookahead(unwrap(model), cfg.lookahead, cfg.lookahead_alpha, total_steps) if cfg.lookahead else None
+    if lookahead is not None and resume_path is not None and "lookahead" in state:
+        lookahead.load_state_dict(state["lookahead"])
 
     metrics = None
     if main:
@@ -252,6 +256,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
             }
             if ema is not None:
                 state["ema"] = ema.state_dict()
+            if lookahead is not None:
+                state["lookahead"] = lookahead.state_dict()
             ckpt.save_checkpoint(state, run_dir / "checkpoints", step, keep_last=cfg.keep_last, best=best)
         last_save = time.perf_counter()
         save_due = False
@@ -262,7 +268,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
             return
         strategy.synchronize()
         result = evaluate(eval_model, val_loader.iterate(0), data.num_classes, precision=cfg.precision,
-                          device=device, tta_flip=cfg.tta_flip,
+                          device=device, tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate,
                           all_reduce=strategy.all_reduce_sum if world > 1 else None)
         last_eval = result
         is_best = result.top1 > best_top1
@@ -321,7 +327,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                 break
             window.data_seconds += time.perf_counter() - t0
             current_lr = lr_at(step, cfg, base_lr, steps_per_epoch, total_steps)
-            set_lr(optimizer, current_lr)
+            set_lr(optimizer, current_lr, step / steps_per_epoch)
             with prof.phase("forward"), autocast(cfg.precision, device.type):
                 output = wrapped(images)
                 loss = loss_fn(output, labels)
@@ -360,6 +366,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
             if loss_ok:
                 window.add(loss, main_logits(output).float(), labels, grad_norm if grads_ok else grad_norm * 0)
             step += 1
+            if lookahead is not None:
+                lookahead.after_step(step)
             images_seen += labels.shape[0] * world
             progress.step(step)
             epoch_end = step % steps_per_epoch == 0 or step == total_steps

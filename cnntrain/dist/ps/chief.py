@@ -220,7 +220,7 @@ class Chief:
         if self.val_loader is None:
             return None
         result = evaluate(self.model, self.val_loader.iterate(0), self.data.num_classes, precision=self.cfg.precision,
-                          device=self.device, tta_flip=self.cfg.tta_flip)
+                          device=self.device, tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate)
         self.last_eval = result
         self.best_top1 = max(self.best_top1, result.top1)
         self.metrics.write(step=version, epoch=version / self.steps_per_epoch, split=self.data.val_name,

@@ -71,7 +71,7 @@ class _Scorer:
                 break
             self.model.load_state_dict(state["model"])
             result = evaluate(self.model, self.loader.iterate(0), self.data.num_classes, precision=self.cfg.precision,
-                              device=self.device, tta_flip=self.cfg.tta_flip)
+                              device=self.device, tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate)
             self.done[step] = result.top1
             append_row(run_dir / "metrics.csv", step=step, epoch=f"{state.get('epoch', 0):.6g}", split="eval",
                        loss=f"{result.loss:.6g}", top1_err=f"{result.top1_err:.6g}",

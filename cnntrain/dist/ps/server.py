@@ -389,7 +389,7 @@ class ParameterServer:
             p.grad.copy_(flat[offset:offset + n].view(p.shape))
             offset += n
         lr = lr_at(self.version, self.cfg, self.base_lr, self.steps_per_epoch, self.total_steps)
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr, self.version / self.steps_per_epoch)
         if self.cfg.larc_mode != "none":
             apply_larc(self.optimizer, lr, self.cfg.larc_mode, self.cfg.larc_eta, self.cfg.larc_eps)
         self.optimizer.step()
