@@ -48,7 +48,8 @@ class TrainConfig:
     # --- optimisation ----------------------------------------------------------------------
     epochs: float = 10
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
-    batch_size: int = 128  # per process
+    batch_size: int = 128  # per process and micro-batch
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation): global batch x this
     lr: float = 0.1  # peak learning rate for the whole (global) batch, before --scale-lr
     scale_lr: float = 0  # linear scaling rule: lr *= global_batch / scale_lr (0: off)
     optimizer: str = "sgd"  # sgd | nesterov | adam | adamw
@@ -199,7 +200,7 @@ def validate(cfg: TrainConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} {value!r} is not one of {', '.join(allowed)}"
                               f"{did_you_mean(str(value), allowed)}")
-    positive = ("batch_size", "display_every")
+    positive = ("batch_size", "display_every", "accum_steps")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(cfg, key)}")

@@ -282,3 +282,19 @@ def test_a_port_already_in_use_is_named_within_the_timeout(tmp_path):
     assert f"port {port}" in out.stderr and "already in use" in out.stderr and "--master-port" in out.stderr
     assert "Traceback" not in out.stderr
     assert time.monotonic() - started < 30
+
+
+def test_gradient_accumulation_under_ddp_matches_one_process_with_the_whole_batch(tmp_path):
+    """2 ranks x batch 8 x 2 accumulated micro-batches = one process with batch 32: the same images
+    per step and the same mean gradient, so the same weights up to float rounding (no augmentation:
+    its random draws are per micro-batch)."""
+    options = dict(DDP, augment="none", scale_lr=0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cnntrain",
+           "train", *cli_args(tiny(tmp_path / "ddp", **{**options, "batch_size": 8, "accum_steps": 2}))]
+    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "batch 8 x 2 x 2 accumulated = 32," in out.stderr and "8 steps/epoch" in out.stderr
+    single = cnntrain.train(tiny(tmp_path / "one", **{**options, "batch_size": 32}))
+    wa, wb = weights(tmp_path / "ddp"), weights(single.run_dir)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in wa)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["global_batch"] == 32

@@ -55,9 +55,11 @@ class Crash(Exception):
 
 
 FAST_RECIPE_PARTS = dict(lookahead=2, alternate_flip=True, augment="translate-flip")
+ACCUMULATED = dict(accum_steps=2, epochs=3)  # 4 steps per epoch: the crash at step 9 is mid epoch 3
 
 
-@pytest.mark.parametrize("precision,extra", [("fp32", {}), ("bf16", {}), ("fp16", {}), ("fp32", FAST_RECIPE_PARTS)])
+@pytest.mark.parametrize("precision,extra", [("fp32", {}), ("bf16", {}), ("fp16", {}), ("fp32", FAST_RECIPE_PARTS),
+                                             ("fp16", ACCUMULATED)])
 def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch, precision, extra):
     options = dict(save_every=3, ema_decay=0.9, label_smoothing=0.1, display_every=5, precision=precision)
     options.update(extra)
@@ -206,3 +208,22 @@ def test_test_time_augmentation_weights_the_views_as_documented():
     assert torch.equal(tta_logits(model, x, translate=1), torch.tensor([[0.5 * 0 + 0.5 * 5, 0.5 * 15 + 0.5 * 10]]))
     result = evaluate(model, [(x, torch.tensor([1]))], 2, device=x.device, tta_flip=True, tta_translate=1)
     assert result.count == 1 and result.top1 == 1.0
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    options = dict(max_steps=6, augment="none", display_every=2)
+    large = cnntrain.train(tiny(tmp_path / "large", batch_size=32, **options))
+    small = cnntrain.train(tiny(tmp_path / "small", batch_size=8, accum_steps=4, **options))
+    wa, wb = weights(large.run_dir), weights(small.run_dir)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=1e-5) for k in wa)
+    rows = [_rows_without_timing(r.run_dir) for r in (large, small)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]  # optimizer steps, not micro-batches
+    for a, b in zip(*rows):
+        if a["split"] == "train":
+            assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+    assert small.summary["global_batch"] == 32 and small.summary["img_per_s"] > 0
+
+
+def test_accumulation_beyond_the_data_set_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="x 16 accumulation steps is larger than the 256 training images"):
+        cnntrain.train(tiny(tmp_path / "r", batch_size=32, accum_steps=16))

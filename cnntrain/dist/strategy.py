@@ -71,6 +71,11 @@ class Strategy:
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
 
+    def accumulating(self, local: bool):
+        """Context for one micro-batch's forward and backward; ``local``: more micro-batches follow
+        before the optimizer step, so the gradients need not be exchanged yet."""
+        return contextlib.nullcontext()
+
     def after_backward(self, params: list[torch.nn.Parameter]) -> None:
         """Called between backward and the optimizer step (gradient exchange not done by DDP)."""
 
@@ -183,6 +188,9 @@ class DataParallel(Strategy):
         ddp.register_forward_pre_hook(lambda *_: setattr(self, "_op", "DDP forward/backward (gradient all-reduce)"))
         self._ddp = ddp
         return ddp
+
+    def accumulating(self, local: bool):
+        return self._ddp.no_sync() if local and self._ddp is not None else contextlib.nullcontext()
 
     def after_backward(self, params: list[torch.nn.Parameter]) -> None:
         if self._plain is None:

@@ -94,11 +94,14 @@ class _Window:
         self.data_seconds = 0.0
         self.paused = 0.0  # seconds spent evaluating / saving inside the window, not training
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, grad_norm) -> None:
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One (micro-)batch's mean loss and predictions."""
         n = labels.shape[0]
         correct = (logits.argmax(dim=1) == labels).sum()
         self.sums += torch.stack([loss.detach().double() * n, correct.double(),
                                   torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+
+    def add_step(self, grad_norm: torch.Tensor) -> None:
         self.grad_norm += grad_norm.detach().double()
         self.steps += 1
 
@@ -159,7 +162,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
             "input_shape": list(data.shape), "mean": list(data.mean), "std": list(data.std),
             "config": cfg.to_dict()}
     world = strategy.world_size
-    global_batch = cfg.batch_size * world
+    accum = cfg.accum_steps
+    global_batch = cfg.batch_size * world * accum
     base_lr = cfg.lr * (global_batch / cfg.scale_lr if cfg.scale_lr else 1.0)
     optimizer = build_optimizer(model, cfg, device.type)
     scaler = LossScaler.for_precision(cfg.precision, cfg.loss_scale)
@@ -169,10 +173,11 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
     train_loader, val_loader = build_loaders(cfg, data, device, strategy.rank, world)
-    steps_per_epoch = len(train_loader)
+    # An optimizer step takes --accum-steps micro-batches; an epoch's leftover micro-batches are skipped.
+    steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0 or global_batch > len(data.train):
-        raise ConfigError(f"--batch-size {cfg.batch_size} x {world} processes is larger than the "
-                          f"{len(data.train)} training images: lower --batch-size")
+        raise ConfigError(f"--batch-size {cfg.batch_size} x {world} processes x {accum} accumulation steps is "
+                          f"larger than the {len(data.train)} training images: lower --batch-size")
     total_steps = round(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.max_steps
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -220,10 +225,11 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
     eval_model = ema if ema is not None else wrapped
 
     if main:
-        log.info("%s: %s, %d parameters | %s: %d train, %d %s images, %d classes | batch %d x %d = %d, "
+        log.info("%s: %s, %d parameters | %s: %d train, %d %s images, %d classes | batch %d x %d%s = %d, "
                  "lr %g, %d steps/epoch, %d steps | %s %s | %s", run_dir, cfg.model, count_parameters(model),
                  cfg.dataset, len(data.train), len(data.val) if data.val else 0, data.val_name,
-                 data.num_classes, cfg.batch_size, world, global_batch, base_lr, steps_per_epoch, total_steps,
+                 data.num_classes, cfg.batch_size, world, f" x {accum} accumulated" if accum > 1 else "",
+                 global_batch, base_lr, steps_per_epoch, total_steps,
                  device, cfg.precision, "resumed" if resume_path else "new run")
     progress = Progress(cfg.progress, total_steps, step, main)
     prof = make_profiler(cfg.profile if main else "none", run_dir / "profile", device, total_steps - step)
@@ -317,22 +323,27 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
     model.train()
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = train_loader.iterate(epoch, in_epoch)
-        while step < total_steps:
-            t0 = time.perf_counter()
-            try:
-                with prof.phase("data"):
-                    images, labels = next(batches)
-            except StopIteration:
+        batches = train_loader.iterate(epoch, in_epoch * accum)  # the loader counts micro-batches
+        for _ in range(in_epoch, steps_per_epoch):
+            if step >= total_steps:
                 break
-            window.data_seconds += time.perf_counter() - t0
             current_lr = lr_at(step, cfg, base_lr, steps_per_epoch, total_steps)
             set_lr(optimizer, current_lr, step / steps_per_epoch)
-            with prof.phase("forward"), autocast(cfg.precision, device.type):
-                output = wrapped(images)
-                loss = loss_fn(output, labels)
-            with prof.phase("backward"):
-                scaler.scale_loss(loss).backward()
+            seen = []  # (loss, logits, labels) of each micro-batch, added to the window once known finite
+            for micro in range(accum):
+                t0 = time.perf_counter()
+                with prof.phase("data"):
+                    images, labels = next(batches)
+                window.data_seconds += time.perf_counter() - t0
+                # Gradients of all but the last micro-batch stay local (DDP's no_sync).
+                with strategy.accumulating(micro < accum - 1):
+                    with prof.phase("forward"), autocast(cfg.precision, device.type):
+                        output = wrapped(images)
+                        loss = loss_fn(output, labels)
+                    with prof.phase("backward"):
+                        scaler.scale_loss(loss / accum if accum > 1 else loss).backward()
+                seen.append((loss.detach(), main_logits(output).detach().float(), labels))
+            loss = torch.stack([item[0] for item in seen]).sum() if accum > 1 else seen[0][0]
             with prof.phase("communication"):
                 strategy.after_backward(params)
             with prof.phase("optimizer"):
@@ -340,7 +351,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                 scaler.unscale_(grads)
                 grad_norm = torch.nn.utils.get_total_norm(grads)
                 # The one host sync per step: skip the update when anything is not finite.
-                loss_ok, grads_ok = torch.stack([loss.detach().float(), grad_norm.float()]).isfinite().tolist()
+                loss_ok, grads_ok = torch.stack([loss.float(), grad_norm.float()]).isfinite().tolist()
                 if grads_ok:
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
@@ -364,11 +375,13 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                     f"loss was not finite for {bad_run} steps in a row (step {step + 1}); last good checkpoint: "
                     f"{last_good or 'none'}; lower --lr, add --grad-clip or --warmup-epochs, or use bf16/fp32")
             if loss_ok:
-                window.add(loss, main_logits(output).float(), labels, grad_norm if grads_ok else grad_norm * 0)
+                for micro_loss, logits, micro_labels in seen:
+                    window.add(micro_loss, logits, micro_labels)
+                window.add_step(grad_norm if grads_ok else grad_norm * 0)
             step += 1
             if lookahead is not None:
                 lookahead.after_step(step)
-            images_seen += labels.shape[0] * world
+            images_seen += sum(item[2].shape[0] for item in seen) * world
             progress.step(step)
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if step % cfg.display_every == 0 or (epoch_end and window.steps):

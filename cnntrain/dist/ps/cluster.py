@@ -111,7 +111,7 @@ def validate_async_ps(cfg: TrainConfig) -> None:
     if cfg.max_staleness < -1:
         raise ConfigError(f"--max-staleness must be >= 0 (or -1: off), got {cfg.max_staleness}")
     unsupported = {"ema_decay": cfg.ema_decay != 0, "lookahead": cfg.lookahead != 0, "sync_bn": cfg.sync_bn,
-                   "grad_compression": cfg.grad_compression != "none",
+                   "accum_steps": cfg.accum_steps != 1, "grad_compression": cfg.grad_compression != "none",
                    "partial_update": cfg.partial_update, "profile": cfg.profile != "none"}
     for name, used in unsupported.items():
         if used:
