@@ -95,6 +95,18 @@ def _tfrecord(cfg: TrainConfig):
     return train, test, IMAGENET_STATS, "random-resized-crop"
 
 
+def _tar(cfg: TrainConfig):
+    from cnntrain.data.streaming import IMAGENET_STATS
+    from cnntrain.data.tarshards import tar_dataset
+    from cnntrain.data.tfrecord import shard_paths
+
+    root, size = Path(cfg.data_dir), _stream_size(cfg)
+    train = tar_dataset(root, "train", size, min_scale=cfg.min_crop_scale)
+    has_val = any(p.suffix == ".tar" for p in shard_paths(root, "validation"))
+    test = tar_dataset(root, "validation", size, train.classes) if has_val else None
+    return train, test, IMAGENET_STATS, "random-resized-crop"
+
+
 def _folder(cfg: TrainConfig):
     from cnntrain.data.folder import find_split, load_image_folder
     from cnntrain.data.streaming import needs_streaming
@@ -134,6 +146,7 @@ LOADERS: dict[str, Callable] = {
     "folder": _folder,
     "imagenet": _stream_folder,  # train/<wnid>/*.JPEG + val/<wnid>/*.JPEG, always streamed
     "tfrecord": _tfrecord,  # train-* / validation-* shards with image/encoded, 1-based image/class/label
+    "tar": _tar,  # train-*.tar / validation-*.tar shards: <key>.jpg + <key>.cls (0-based), WebDataset layout
     "synthetic": _synthetic,
 }
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from cnntrain.data.folder import _to_rgb
 from cnntrain.data.pipeline import BatchPlan, mix_seed
+from cnntrain.errors import DataError
 
 log = logging.getLogger("cnntrain")
 
@@ -42,8 +43,9 @@ EVAL_RESIZE_RATIO = 256 / 224  # resize-256 / centre-crop-224; gives 342 / 299 f
 
 @dataclass
 class StreamDataset:
-    """A list of samples read lazily: ``items[i]`` is a file path, or ``(shard, offset)`` of a
-    TFRecord record. ``labels`` int64 [N] in [0, classes); ``shape`` is the crop (3, S, S)."""
+    """A list of samples read lazily: ``items[i]`` is a file path, ``(shard, offset)`` of a
+    TFRecord record, or ``(shard, offset, size)`` of a tar member. ``labels`` int64 [N] in
+    [0, classes); ``shape`` is the crop (3, S, S)."""
 
     items: list
     labels: torch.Tensor
@@ -81,12 +83,18 @@ class StreamDataset:
         if isinstance(item, tuple):
             from cnntrain.data.tfrecord import example_image_label, read_record_at
 
-            shard, offset = item
+            shard, offset = item[:2]
             # Keyed by process: a handle inherited through fork shares its file offset with the parent.
             key = (os.getpid(), shard)
             handle = self._files.get(key)
             if handle is None:
                 handle = self._files[key] = open(shard, "rb")  # noqa: SIM115 - kept open for reuse
+            if len(item) == 3:  # a tar member: (shard, offset, size)
+                handle.seek(offset)
+                data = handle.read(item[2])
+                if len(data) != item[2]:
+                    raise DataError(f"{shard}: truncated: member at byte {offset} has {len(data)} of {item[2]} bytes")
+                return data
             where = f"{shard}: record at byte {offset}"
             return example_image_label(read_record_at(handle, offset, shard, f"at byte {offset}"), where)[0]
         return Path(item).read_bytes()

@@ -1,0 +1,81 @@
+"""Training straight from tar shards in the WebDataset layout: ``<key>.jpg`` (or ``.jpeg``/``.png``)
+with ``<key>.cls`` holding the 0-based class index, as ``cnntrain data prepare --format tar`` writes.
+
+Shards are read in place, never extracted: the member headers are scanned once for each image's
+byte offset and size, and workers read those bytes directly. Only plain (uncompressed) tar is
+accepted, since a compressed member cannot be read at an offset. Any member that is not a regular
+file (link, device, folder) is refused, as are an image without its label and a label that is not
+an integer, each naming the shard and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import torch
+
+from cnntrain.data.tfrecord import shard_paths
+from cnntrain.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def scan_shard(path: str | os.PathLike) -> list[tuple[int, int, int]]:
+    """(byte offset, size, label) of each image in the tar shard ``path``, in key order."""
+    images: dict[str, tuple[int, int]] = {}
+    labels: dict[str, int] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, ext = os.path.splitext(member.name)
+                if not member.isfile():
+                    raise DataError(f"{path}: member {member.name!r} is not a regular file (links and folders are "
+                                    f"refused)")
+                if ext.lower() in IMAGE_EXTENSIONS:
+                    images[key] = (member.offset_data, member.size)
+                elif ext == ".cls":
+                    text = tar.extractfile(member).read(64).strip()
+                    try:
+                        labels[key] = int(text)
+                    except ValueError:
+                        raise DataError(f"{path}: {member.name} holds {text[:20]!r}, not a class index") from None
+    except (tarfile.TarError, EOFError) as exc:
+        if "end of data" in str(exc) or isinstance(exc, EOFError):
+            raise DataError(f"{path}: truncated tar shard ({exc})") from None
+        raise DataError(f"{path}: not a readable uncompressed tar shard ({exc})") from None
+    missing = sorted(set(images) - set(labels))
+    if missing:
+        raise DataError(f"{path}: image {missing[0]!r} has no {missing[0]}.cls label ({len(missing)} without one)")
+    size = os.path.getsize(path)
+    for key, (offset, length) in images.items():
+        if offset + length > size:
+            raise DataError(f"{path}: truncated: image {key!r} ends at byte {offset + length} of {size}")
+    return [(*images[key], labels[key]) for key in sorted(images)]
+
+
+def tar_dataset(root: str | os.PathLike, prefix: str, image_size: int, classes: list[str] | None = None,
+                min_scale: float = 0.08):
+    """A :class:`~cnntrain.data.streaming.StreamDataset` over the shards ``root/<prefix>-*.tar``.
+    Class names come from ``root/index.json`` (written by ``data prepare``), else ``classes``, else
+    "0".."K-1"."""
+    from cnntrain.data.streaming import StreamDataset
+
+    shards = [p for p in shard_paths(root, prefix) if p.suffix == ".tar"]
+    if not shards:
+        raise DataError(f"no tar shards {Path(root) / prefix}-*.tar (make them with `cnntrain data prepare "
+                        f"--format tar`)")
+    items, labels = [], []
+    for shard in shards:
+        for offset, size, label in scan_shard(shard):
+            items.append((str(shard), offset, size))
+            labels.append(label)
+    if not items:
+        raise DataError(f"tar shards {Path(root) / prefix}-*.tar hold no images")
+    index_path = Path(root) / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    classes = index.get("classes") or classes or [str(k) for k in range(max(labels) + 1)]
+    return StreamDataset(items, torch.tensor(labels, dtype=torch.int64), list(classes), image_size,
+                         f"{Path(root) / prefix}-*.tar", min_scale=min_scale)
