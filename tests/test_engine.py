@@ -227,3 +227,30 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
 def test_accumulation_beyond_the_data_set_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="x 16 accumulation steps is larger than the 256 training images"):
         cnntrain.train(tiny(tmp_path / "r", batch_size=32, accum_steps=16))
+
+
+def test_resume_keeps_the_global_batch_and_accumulation_makes_it_up(tmp_path, monkeypatch):
+    """Steps and the LR schedule count global batches: resuming with half the batch is refused
+    (nothing touched), and with half the batch x 2 accumulated it ends where the uninterrupted run does."""
+    options = tiny(tmp_path / "run", batch_size=32, augment="none", display_every=2)
+    full = cnntrain.train({**options, "run_dir": str(tmp_path / "full")})
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(state, folder, step, **kw):
+        path = real_save(state, folder, step, **kw)
+        if step == 8:  # the end of epoch 1
+            raise Crash
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        cnntrain.train(options)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    before = (tmp_path / "run" / "metrics.csv").read_text()
+    with pytest.raises(ConfigError, match=r"global batch of 32 \(1 processes\), but this run's is 16 .* = 32"):
+        cnntrain.train({**options, "batch_size": 16, "resume": "auto"})
+    assert (tmp_path / "run" / "metrics.csv").read_text() == before
+    resumed = cnntrain.train({**options, "batch_size": 16, "accum_steps": 2, "resume": "auto"})
+    assert resumed.steps == full.steps == 16
+    wa, wb = weights(full.run_dir), weights(resumed.run_dir)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=1e-5) for k in wa)

@@ -1,4 +1,5 @@
-"""metrics.csv (one row per logged step and per evaluation) and summary.json."""
+"""metrics.csv (one row per logged step and per evaluation), summary.json, and the training window
+summed on the device between log lines."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import csv
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 COLUMNS = ["step", "epoch", "split", "loss", "top1_err", "top5_err", "lr", "img_per_s", "elapsed_s",
            "loss_scale", "grad_norm"]
@@ -84,3 +88,37 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=False))
     os.replace(tmp, path)
+
+
+class TrainWindow:
+    """Training loss/accuracy summed on the device between log lines (no per-step host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.data_seconds = 0.0
+        self.paused = 0.0  # seconds spent evaluating / saving inside the window, not training
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One (micro-)batch's mean loss and predictions."""
+        n = labels.shape[0]
+        correct = (logits.argmax(dim=1) == labels).sum()
+        self.sums += torch.stack([loss.detach().double() * n, correct.double(),
+                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+
+    def add_step(self, grad_norm: torch.Tensor) -> None:
+        self.grad_norm += grad_norm.detach().double()
+        self.steps += 1
+
+    def state(self, all_reduce_sum=None) -> dict:
+        """The partial window; with several ranks, ``all_reduce_sum`` folds every rank's sums into it
+        (a collective: every rank must call this), so that rank 0 alone can carry them on resume."""
+        sums = all_reduce_sum(self.sums.clone()) if all_reduce_sum is not None else self.sums
+        return {"sums": sums.cpu(), "grad_norm": self.grad_norm.cpu(), "steps": self.steps}
+
+    def load(self, state: dict, *, with_sums: bool = True) -> None:
+        self.sums.copy_(state["sums"] if with_sums else torch.zeros_like(state["sums"]))
+        self.grad_norm.copy_(state["grad_norm"])
+        self.steps = int(state["steps"])

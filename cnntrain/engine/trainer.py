@@ -29,7 +29,7 @@ from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import EvalResult, evaluate, main_logits
 from cnntrain.engine.larc import apply_larc
 from cnntrain.engine.lookahead import Lookahead
-from cnntrain.engine.metrics import MetricsLog, write_summary
+from cnntrain.engine.metrics import MetricsLog, TrainWindow, write_summary
 from cnntrain.engine.optim import build_optimizer, lr_at, set_lr
 from cnntrain.engine.plots import plot_curves
 from cnntrain.engine.precision import LossScaler, autocast
@@ -81,40 +81,6 @@ def _loss_fn(cfg: TrainConfig):
         return ce(main, labels) + sum(weight * ce(a, labels) for a in aux)
 
     return loss
-
-
-class _Window:
-    """Training loss/accuracy summed on the device between log lines (no per-step host sync)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
-        self.steps = 0
-        self.started = time.perf_counter()
-        self.data_seconds = 0.0
-        self.paused = 0.0  # seconds spent evaluating / saving inside the window, not training
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """One (micro-)batch's mean loss and predictions."""
-        n = labels.shape[0]
-        correct = (logits.argmax(dim=1) == labels).sum()
-        self.sums += torch.stack([loss.detach().double() * n, correct.double(),
-                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
-
-    def add_step(self, grad_norm: torch.Tensor) -> None:
-        self.grad_norm += grad_norm.detach().double()
-        self.steps += 1
-
-    def state(self, all_reduce_sum=None) -> dict:
-        """The partial window; with several ranks, ``all_reduce_sum`` folds every rank's sums into it
-        (a collective: every rank must call this), so that rank 0 alone can carry them on resume."""
-        sums = all_reduce_sum(self.sums.clone()) if all_reduce_sum is not None else self.sums
-        return {"sums": sums.cpu(), "grad_norm": self.grad_norm.cpu(), "steps": self.steps}
-
-    def load(self, state: dict, *, with_sums: bool = True) -> None:
-        self.sums.copy_(state["sums"] if with_sums else torch.zeros_like(state["sums"]))
-        self.grad_norm.copy_(state["grad_norm"])
-        self.steps = int(state["steps"])
 
 
 def train(cfg: TrainConfig, strategy: Strategy | None = None) -> Result:
@@ -183,7 +149,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         total_steps = min(total_steps, cfg.max_steps)
 
     step, best_top1, elapsed_before = 0, 0.0, 0.0
-    window = _Window(device)
+    window = TrainWindow(device)
     resume_path = ckpt.resolve_resume(cfg.resume, run_dir)
     if resume_path is None and hasattr(model, "init_from_data"):
         # Data-dependent initialisation (fastnet's patch whitening), identical on every rank.
@@ -193,6 +159,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         model.init_from_data((sample - mean) / std)
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path)
+        _check_global_batch(state, resume_path, global_batch, cfg, world)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -257,6 +224,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "window": window_state, "step": step,
                 "best_top1": best_top1, "elapsed": elapsed(), "config": cfg.to_dict(), "meta": meta,
+                "global_batch": global_batch, "world_size": world,
                 "rng": {"torch": torch.get_rng_state(),
                         **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             }
@@ -425,6 +393,22 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                  summary["img_per_s"], data.val_name, 100 * (summary["final_top1"] or 0), 100 * best_top1,
                  run_dir)
     return Result(run_dir, best_top1, summary["final_top1"] or 0.0, step, seconds, summary["img_per_s"], summary)
+
+
+def _check_global_batch(state: dict, path: Path, global_batch: int, cfg: TrainConfig, world: int) -> None:
+    """Steps, the data order and the LR schedule are counted in global batches: a resumed run must
+    keep the checkpoint's, whatever its number of processes (``--accum-steps`` makes up the rest)."""
+    saved = state.get("global_batch")
+    if saved is None or saved == global_batch:
+        if saved is not None and state.get("world_size") != world:
+            log.warning("resuming on %d processes (the checkpoint was written by %d) with the same global batch %d: "
+                        "the same images per step, but not bit for bit (augmentation draws are per process)",
+                        world, state.get("world_size"), global_batch)
+        return
+    raise ConfigError(
+        f"{path}: written with a global batch of {saved} ({state.get('world_size', '?')} processes), but this run's "
+        f"is {global_batch} ({cfg.batch_size} x {world} processes x {cfg.accum_steps} accumulated). Resume with the "
+        f"same global batch: change --batch-size or --accum-steps so that batch x processes x accum-steps = {saved}")
 
 
 def _warn_config_changes(saved: TrainConfig, now: TrainConfig) -> None:

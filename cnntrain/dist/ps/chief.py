@@ -25,12 +25,12 @@ from cnntrain.dist.ps.client import PsClient, Stats
 from cnntrain.dist.ps.cluster import WORKER, Cluster, ShardPlan, role_name
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import EvalResult, evaluate
-from cnntrain.engine.metrics import MetricsLog, write_summary
+from cnntrain.engine.metrics import MetricsLog, TrainWindow, write_summary
 from cnntrain.engine.optim import lr_at
 from cnntrain.engine.precision import LossScaler
 from cnntrain.engine.progress import Progress
 from cnntrain.engine.run import export_safetensors, peak_memory_mb, resolve_run_dir
-from cnntrain.engine.trainer import Result, _Window
+from cnntrain.engine.trainer import Result
 from cnntrain.models import count_parameters
 
 log = logging.getLogger("cnntrain")
@@ -72,7 +72,7 @@ class Chief:
                      "config": cfg.to_dict()}
         self.val_loader = (build_eval_loader(cfg, data.val, device, data.mean, data.std)
                            if data.val is not None else None)
-        self.window = _Window(device)
+        self.window = TrainWindow(device)
         self.best_top1 = 0.0
         self.elapsed_before = 0.0
         self.last_eval: EvalResult | None = None
@@ -136,7 +136,8 @@ class Chief:
     def after_step(self, version: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                    grad_norm: torch.Tensor, scaler: LossScaler) -> None:
         cfg = self.cfg
-        self.window.add(loss, logits, labels, grad_norm)
+        self.window.add(loss, logits, labels)
+        self.window.add_step(grad_norm)
         self.progress.step(min(version, self.total_steps))
         if self._crossed("display", version, cfg.display_every):
             self._log_window(version, scaler)
