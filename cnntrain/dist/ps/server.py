@@ -3,7 +3,7 @@
     cnntrain train --strategy async-ps --role ps --ps-index 0 --ps-hosts 10.0.0.1:2222 --worker-hosts ...
 
 The chief sends the initial weights (INIT). Each push is applied at once, in arrival order, by the
-same ``torch.optim`` optimizer the synchronous path builds (``build_optimizer``), over this shard's
+same ``torch.optim`` optimizer the synchronous path builds (``build_optimizer``; ``store.py``), over this shard's
 parameters as separate tensors, with the learning rate ``lr_at(version)``; momentum and Adam state
 stay here. ``version`` counts the updates applied, so the staleness of a gradient is the version
 at its push minus the version its worker pulled.
@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from cnntrain.config import TrainConfig
 from cnntrain.dist.ps import protocol as P
@@ -45,16 +44,12 @@ from cnntrain.dist.ps.cluster import (
     PS,
     WORKER,
     Cluster,
-    ShardPlan,
     config_fingerprint,
-    flatten,
     role_name,
 )
+from cnntrain.dist.ps.store import ShardStore
 from cnntrain.dist.ps.transport import LinkError, Listener, Message, Peer
-from cnntrain.engine.larc import apply_larc
-from cnntrain.engine.optim import build_optimizer, lr_at, set_lr
 from cnntrain.errors import DistributedError
-from cnntrain.models.registry import create_model_for
 
 log = logging.getLogger("cnntrain")
 
@@ -71,14 +66,6 @@ class Client:
     @property
     def worker(self) -> int | None:
         return self.index if self.role in (CHIEF, WORKER) else None
-
-
-class _Shard(nn.Module):
-    """This ps's parameters as one module, so ``build_optimizer`` sees them as the trainer would."""
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        super().__init__()
-        self.params = nn.ParameterList(params)
 
 
 class ParameterServer:
@@ -108,11 +95,7 @@ class ParameterServer:
         self.bound = cfg.max_staleness if index == 0 else -1  # -1: off
         self.queue: collections.deque[int] = collections.deque()
         self.chief_seen = False
-        self.params: list[nn.Parameter] = []
-        self.buffers = torch.empty(0, dtype=torch.float64)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.steps_per_epoch = 1
-        self.base_lr = cfg.lr
+        self.store: ShardStore | None = None  # from the chief's INIT
 
     # ------------------------------------------------------------------ main loop
     def serve(self) -> dict:
@@ -319,8 +302,8 @@ class ParameterServer:
         if admit and self.bound >= 0 and not self._admit(link, client):
             return self._status_reply(Message(P.RETRY))
         with self.cond:
-            params = flatten(self.params)
-            client.base = self.buffers.clone()
+            params = self.store.flat_params()
+            client.base = self.store.buffers.clone()
             version = self.version
         return self._status_reply(Message(P.OK, (version,), (params, client.base)))
 
@@ -362,11 +345,11 @@ class ParameterServer:
             return retry
         with self.cond:
             if self.failure is None and self.finished_at is None and self.version < self.total_steps:
-                if buffers.numel() and buffers.numel() == client.base.numel():
-                    self.buffers += buffers - client.base
+                self.store.merge_buffers(buffers, client.base)
                 if grads.numel():
                     self.staleness[min(self.version - pulled, P.STALENESS_BINS - 1)] += 1
-                    self._apply(grads)
+                    self.store.apply(grads, self.version)
+                    self.version += 1
                     if client.worker is not None:
                         self.updates[client.worker] += 1
             if leave:
@@ -379,56 +362,16 @@ class ParameterServer:
             return self._pull(link, client, bool(admit))
         return self._status_reply(Message(P.OK, (version,)))
 
-    def _apply(self, flat: torch.Tensor) -> None:
-        """One optimizer step on this shard (called with ``cond`` held)."""
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-            p.grad.copy_(flat[offset:offset + n].view(p.shape))
-            offset += n
-        lr = lr_at(self.version, self.cfg, self.base_lr, self.steps_per_epoch, self.total_steps)
-        set_lr(self.optimizer, lr, self.version / self.steps_per_epoch)
-        if self.cfg.larc_mode != "none":
-            apply_larc(self.optimizer, lr, self.cfg.larc_mode, self.cfg.larc_eta, self.cfg.larc_eps)
-        self.optimizer.step()
-        self.version += 1
-
     def _init(self, msg: Message) -> Message:
-        (step, classes, c, h, w, steps_per_epoch, total, base_lr, stamp, mask) = msg.numbers[:10]
-        shape = (int(c), int(h), int(w))
-        try:
-            with torch.device("meta"):
-                model = create_model_for(self.cfg.model, int(classes), shape, **self.cfg.model_kwargs)
-        except Exception:  # noqa: BLE001 - a model that cannot be built on meta is built for real
-            model = create_model_for(self.cfg.model, int(classes), shape, **self.cfg.model_kwargs)
-        plan = ShardPlan.for_model(model, self.cluster.num_ps)
-        params = [nn.Parameter(torch.empty(plan.param_shapes[i])) for i in plan.params_of(self.index)]
-        flat_params, buffers, *state = msg.tensors
-        offset = 0
-        for p in params:
-            p.data.copy_(flat_params[offset:offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        if offset != flat_params.numel():
-            raise LinkError(f"INIT carries {flat_params.numel()} values for {offset} parameters")
-        optimizer = build_optimizer(_Shard(params), self.cfg, "cpu")
-        keys = [k for i, k in enumerate(P.STATE_KEYS[self.cfg.optimizer]) if int(mask) >> i & 1]
-        for key, flat in zip(keys, state):
-            offset = 0
-            for p in params:
-                n = 1 if key == "step" else p.numel()
-                value = flat[offset:offset + n]
-                optimizer.state[p][key] = value.view(()).clone() if key == "step" else value.view(p.shape).clone()
-                offset += n
+        store = ShardStore.from_init(self.cfg, self.cluster, self.index, msg.numbers, msg.tensors)
+        step, stamp = int(msg.numbers[0]), int(msg.numbers[8])
         with self.cond:
-            self.params, self.buffers, self.optimizer = params, buffers.clone(), optimizer
-            self.version, self.total_steps = int(step), int(total)
-            self.steps_per_epoch, self.base_lr, self.run_stamp = int(steps_per_epoch), float(base_lr), int(stamp)
+            self.store, self.version, self.total_steps, self.run_stamp = store, step, store.total_steps, stamp
             self.initialised = True
             self.cond.notify_all()
         log.info("%s: %d parameter tensors (%.2f M values), %d state values, from update %d of %d", self.name,
-                 len(params), sum(p.numel() for p in params) / 1e6, buffers.numel(), int(step), int(total))
+                 len(store.params), sum(p.numel() for p in store.params) / 1e6, store.buffers.numel(), step,
+                 store.total_steps)
         return Message(P.OK)
 
     def _snapshot(self) -> Message:
@@ -436,13 +379,8 @@ class ParameterServer:
         if retry is not None:
             return retry
         with self.cond:
-            params, buffers, version = flatten(self.params), self.buffers.clone(), self.version
-            mask, state = 0, []
-            for i, key in enumerate(P.STATE_KEYS[self.cfg.optimizer]):
-                values = [self.optimizer.state.get(p, {}).get(key) for p in self.params]
-                if values and all(isinstance(v, torch.Tensor) for v in values):
-                    mask |= 1 << i
-                    state.append(flatten(values))
+            params, buffers, version = self.store.flat_params(), self.store.buffers.clone(), self.version
+            mask, state = self.store.optimizer_state()
         return Message(P.OK, (version, mask), (params, buffers, *state))
 
     def _stats(self) -> Message:
