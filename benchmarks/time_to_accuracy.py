@@ -82,13 +82,14 @@ def main() -> None:
 
     curves = {name: curve(d) for name, d in runs.items()}
     print(f"\nvalidation accuracy on {args.val_split} held-out images; {machine_line()}")
-    header = f"{'target':>8s}" + "".join(f"{name:>16s}" for name in curves)
+    width = max([16] + [len(name) + 2 for name in curves])
+    header = f"{'target':>8s}" + "".join(f"{name:>{width}s}" for name in curves)
     print(header)
     for target in args.targets:
         cells = []
         for points in curves.values():
             t = first_time(points, target)
-            cells.append(f"{t:15.0f}s" if t is not None else f"{'-':>16s}")
+            cells.append(f"{t:{width - 1}.0f}s" if t is not None else f"{'-':>{width}s}")
         print(f"{target:7.0f}%" + "".join(cells))
     for name, d in runs.items():
         summary = json.loads((d / "summary.json").read_text())
