@@ -41,11 +41,11 @@ def _install(kind: str, n: int) -> None:
     if kind == "step":
         real_set_lr, calls = trainer.set_lr, [0]
 
-        def set_lr(optimizer, lr):
+        def set_lr(optimizer, *args):  # called once per optimizer step, before its forward
             calls[0] += 1
             if calls[0] == n and _armed():
                 _die()
-            return real_set_lr(optimizer, lr)
+            return real_set_lr(optimizer, *args)
 
         trainer.set_lr = set_lr
         return
