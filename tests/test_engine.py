@@ -54,6 +54,22 @@ class Crash(Exception):
     pass
 
 
+def train_until_crash(options: dict, monkeypatch, at_step: int) -> None:
+    """Train ``options`` and crash right after the checkpoint of step ``at_step`` is written."""
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(state, folder, step, **kw):
+        path = real_save(state, folder, step, **kw)
+        if step == at_step:
+            raise Crash
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        cnntrain.train(options)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+
+
 FAST_RECIPE_PARTS = dict(lookahead=2, alternate_flip=True, augment="translate-flip")
 ACCUMULATED = dict(accum_steps=2, epochs=3)  # 4 steps per epoch: the crash at step 9 is mid epoch 3
 
@@ -65,18 +81,7 @@ def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monke
     options.update(extra)
     full = cnntrain.train(tiny(tmp_path / "full", **options))
     part = tiny(tmp_path / "part", **options)
-    real_save = ckpt.save_checkpoint
-
-    def save_then_crash(state, folder, step, **kw):
-        path = real_save(state, folder, step, **kw)
-        if step == 9:  # mid epoch 2 (8 steps per epoch), mid log window (every 5 steps)
-            raise Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        cnntrain.train(part)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    train_until_crash(part, monkeypatch, 9)  # mid epoch 2 (8 steps per epoch), mid log window (every 5 steps)
     resumed = cnntrain.train({**part, "resume": "auto"})
     wa, wb = weights(full.run_dir), weights(resumed.run_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -234,18 +239,7 @@ def test_resume_keeps_the_global_batch_and_accumulation_makes_it_up(tmp_path, mo
     (nothing touched), and with half the batch x 2 accumulated it ends where the uninterrupted run does."""
     options = tiny(tmp_path / "run", batch_size=32, augment="none", display_every=2)
     full = cnntrain.train({**options, "run_dir": str(tmp_path / "full")})
-    real_save = ckpt.save_checkpoint
-
-    def save_then_crash(state, folder, step, **kw):
-        path = real_save(state, folder, step, **kw)
-        if step == 8:  # the end of epoch 1
-            raise Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        cnntrain.train(options)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    train_until_crash(options, monkeypatch, 8)  # the end of epoch 1
     before = (tmp_path / "run" / "metrics.csv").read_text()
     with pytest.raises(ConfigError, match=r"global batch of 32 \(1 processes\), but this run's is 16 .* = 32"):
         cnntrain.train({**options, "batch_size": 16, "resume": "auto"})
