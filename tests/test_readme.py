@@ -13,7 +13,8 @@ from tests.helpers import REPO
 README = (REPO / "README.md").read_text()
 # Appended to every `cnntrain train` line: a step limit and tiny batches; fixtures are not the
 # official files, so their checksums cannot match.
-TINY_TRAIN = ["--max-steps", "3", "-b", "8", "--no-verify", "--no-download", "--threads", "1", "--progress", "none"]
+TINY_TRAIN = ["--max-steps", "3", "-b", "8", "--no-verify", "--no-download", "--threads", "1", "--progress", "none",
+              "--dist-timeout", "60"]
 
 
 def _blocks(lang):

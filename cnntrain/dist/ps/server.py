@@ -85,6 +85,7 @@ class ParameterServer:
         self.failed_at: float | None = None
         self.run_stamp = 0
         self.clients: dict[int, Client] = {}  # open links by link number
+        self.opening = 0  # links accepted whose HELLO is not answered yet (the ps waits for them too)
         self.workers_alive = [False] * cluster.num_workers
         self.joins = [0] * cluster.num_workers
         self.losses = [0] * cluster.num_workers
@@ -110,6 +111,8 @@ class ParameterServer:
             while True:
                 peer = listener.accept()
                 if peer is not None:
+                    with self.cond:
+                        self.opening += 1
                     threads.append(threading.Thread(target=self._serve_link, args=(peer,), name=f"link {peer.number}",
                                                     daemon=True))
                     threads[-1].start()
@@ -119,7 +122,8 @@ class ParameterServer:
                     if not self.chief_seen and self.failure is None and now - started > self.timeout:
                         self._fail(CHIEF, 0, P.NEVER_CONNECTED, "")
                     ended = self.failed_at if self.failure is not None else self.finished_at
-                    if ended is not None and (not self.clients or now - ended > self.timeout):
+                    gone = not self.clients and not self.opening
+                    if ended is not None and (gone or now - ended > self.timeout):
                         break
                 time.sleep(0.02)
         finally:
@@ -155,12 +159,16 @@ class ParameterServer:
     def _serve_link(self, peer: Peer) -> None:
         client: Client | None = None
         try:
-            peer.open()
-            client = self._hello(peer, peer.recv(self.timeout))
+            try:
+                peer.open()
+                client = self._hello(peer, peer.recv(self.timeout))
+            finally:
+                with self.cond:
+                    self.opening -= 1
+                    if client is not None:
+                        self.clients[peer.number] = client
             if client is None:
                 return
-            with self.cond:
-                self.clients[peer.number] = client
             while not client.said_bye:
                 msg = peer.recv(self.timeout)
                 peer.send(self._answer(peer.number, client, msg))

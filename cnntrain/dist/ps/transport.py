@@ -125,6 +125,14 @@ class _Wire:
         return Message(op, numbers, tuple(tensors))
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
 def wait_reachable(host: str, port: int, timeout: float, what: str, stop: Callable[[], bool] | None = None) -> None:
     """Wait until something listens at ``host:port`` (a plain TCP connect, then closed), so the
     store client below connects at once instead of logging a retry trace per attempt. Raises
@@ -161,17 +169,24 @@ class Link:
     @classmethod
     def connect(cls, host: str, port: int, *, local_host: str, timeout: float, name: str,
                 stop: Callable[[], bool] | None = None) -> Link:
-        """Connect to the server listening at ``host:port``; gloo binds to ``local_host`` here."""
-        wait_reachable(host, port, timeout, name, stop)
-        try:
-            store = dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout),
-                                  wait_for_workers=False)
-            number = store.add("links", 1)
-            store.set(f"link/{number}", b"1")  # the server builds its end when it sees this key
-            group = _pair(store, number, 1, local_host, timeout)
-        except Exception as exc:  # noqa: BLE001 - c10d raises several types for the same cause
-            raise LinkError(f"could not open a link to {name}: {_describe(exc)}") from None
-        return cls(name, _Wire(group, 1), timeout)
+        """Connect to the server listening at ``host:port``; gloo binds to ``local_host`` here.
+
+        With ``stop``, a server that goes away while the link is being built (it was ending just as
+        this process came up) is waited for again, so ``stop()`` decides: ``GaveUp`` once it is true."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wait_reachable(host, port, max(deadline - time.monotonic(), 0.0), name, stop)
+            try:
+                store = dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout),
+                                      wait_for_workers=False)
+                number = store.add("links", 1)
+                store.set(f"link/{number}", b"1")  # the server builds its end when it sees this key
+                group = _pair(store, number, 1, local_host, timeout)
+            except Exception as exc:  # noqa: BLE001 - c10d raises several types for the same cause
+                if stop is None or time.monotonic() >= deadline or _listening(host, port):
+                    raise LinkError(f"could not open a link to {name}: {_describe(exc)}") from None
+                continue  # the server is gone: wait for it (or for stop) again
+            return cls(name, _Wire(group, 1), timeout)
 
     def request(self, msg: Message, timeout: float | None = None) -> Message:
         with self._lock:
