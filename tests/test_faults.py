@@ -91,30 +91,50 @@ DDP = dict(batch_size=16, epochs=3, lr=0.05, scale_lr=16, save_every=4, display_
 DDP_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
 
 
+# Top-k compression keeps each rank's unsent gradient remainder between steps: a resumed run must
+# get it back from the checkpoint (one row per rank) to send exactly what it would have.
+TOPK = dict(grad_compression="topk", compression_ratio=0.05)
+DDP_KILLS = [("step", random.Random(6).randrange(5, 22), 1, {}), ("write", 12, 0, {}),
+             ("step", random.Random(7).randrange(5, 22), 1, TOPK)]
+
+
 @pytest.fixture(scope="module")
 def ddp_uninterrupted(tmp_path_factory):
-    run = tmp_path_factory.mktemp("ddp") / "full"
-    done = subprocess.run([sys.executable, "-m", "cnntrain", "train", "--nproc-per-node", "2",
-                           *cli_args(tiny(run, **DDP))], cwd=REPO, env={**os.environ, **DDP_ENV},
-                          capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run
+    runs: dict[str, object] = {}
+
+    def reference(extra: dict):
+        key = extra.get("grad_compression", "none")
+        if key not in runs:
+            run = tmp_path_factory.mktemp("ddp") / key
+            done = subprocess.run([sys.executable, "-m", "cnntrain", "train", "--nproc-per-node", "2",
+                                   *cli_args(tiny(run, **DDP, **extra))], cwd=REPO, env={**os.environ, **DDP_ENV},
+                                  capture_output=True, text=True, timeout=150)
+            assert done.returncode == 0, done.stderr[-3000:]
+            runs[key] = run
+        return runs[key]
+
+    return reference
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("kind,n,rank", [("step", random.Random(6).randrange(5, 22), 1), ("write", 12, 0)],
-                         ids=["worker-mid-step", "rank0-mid-checkpoint-write"])
-def test_ddp_sigkill_then_elastic_restart_is_bitwise_uninterrupted(ddp_uninterrupted, tmp_path, kind, n, rank):
+@pytest.mark.parametrize("kind,n,rank,extra", DDP_KILLS,
+                         ids=["worker-mid-step", "rank0-mid-checkpoint-write", "topk-worker-mid-step"])
+def test_ddp_sigkill_then_elastic_restart_is_bitwise_uninterrupted(ddp_uninterrupted, tmp_path, kind, n, rank, extra):
+    reference = ddp_uninterrupted(extra)
     run = tmp_path / "run"
     marker = tmp_path / "killed"
     out = subprocess.run([sys.executable, "-m", "cnntrain", "train", "--nproc-per-node", "2", "--max-restarts", "1",
-                          *cli_args(tiny(run, **DDP))], cwd=REPO, env={**fault_env(kind, n, marker, rank), **DDP_ENV},
-                         capture_output=True, text=True, timeout=240)
+                          *cli_args(tiny(run, **DDP, **extra))], cwd=REPO,
+                         env={**fault_env(kind, n, marker, rank), **DDP_ENV}, capture_output=True, text=True,
+                         timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert marker.exists(), "the fault never fired"
     assert "resumed from" in out.stderr, out.stderr[-3000:]
-    assert_identical_runs(ddp_uninterrupted, run)
+    assert_identical_runs(reference, run)
+    if extra:
+        saved = ckpt.load_checkpoint(ckpt.latest_valid(run / "checkpoints"))["strategy"]["remainders"]
+        assert saved.shape[0] == 2 and not torch.equal(saved[0], saved[1])  # each rank's own
 
 
 @pytest.mark.dist

@@ -84,6 +84,19 @@ class SparseState:
         self.dense_bytes = 0  # what a plain all-reduce of the same buckets would have carried
         self.steps = 0
 
+    def remainder_of(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's remainders as one flat tensor in the order of ``params`` (zeros for any not
+        yet kept): what a checkpoint stores so that a resumed run sends exactly what it would have."""
+        parts = [self.residuals.get(p, torch.zeros(p.numel(), dtype=p.dtype, device=p.device)).reshape(-1)
+                 for p in params]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def load_remainder(self, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+        offset = 0
+        for p in params:
+            self.residuals[p] = flat[offset:offset + p.numel()].to(p.device, p.dtype).clone()
+            offset += p.numel()
+
     def select(self, flat: torch.Tensor) -> torch.Tensor:
         """Indices (int64) of the entries of ``flat`` to send."""
         if self.mode == "threshold":

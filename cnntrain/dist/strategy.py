@@ -100,6 +100,13 @@ class Strategy:
     def barrier(self) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        """What the strategy keeps per rank that a checkpoint needs for exact resume (a collective)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     @contextlib.contextmanager
     def guard(self):
         """Wraps the whole training run; distributed strategies translate peer failures here."""
@@ -229,6 +236,30 @@ class DataParallel(Strategy):
             dense = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
             sent = dense / 2 if compression in ("fp16", "bf16") else dense
         return {"comm_bytes_per_step": sent, "dense_bytes_per_step": dense, "compression": dense / max(sent, 1e-9)}
+
+    def state_dict(self) -> dict:
+        """Top-k / threshold: every rank's unsent remainder, one row per rank, gathered on rank 0."""
+        if self._sparse is None:
+            return {}
+        mine = self._sparse.remainder_of(self._sparse_params())
+        rows = [torch.empty_like(mine) for _ in range(self.world_size)] if self.rank == 0 else None
+        with self.collective("gather of the unsent gradient remainders (--grad-compression)"):
+            dist.gather(mine, rows, dst=0)
+        return {"remainders": torch.stack(rows).cpu()} if self.rank == 0 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        rows = state.get("remainders")
+        if self._sparse is None or rows is None:
+            return
+        if rows.shape[0] != self.world_size:
+            if self.rank == 0:
+                log.warning("the checkpoint's unsent gradient remainders are from %d processes, not %d: they "
+                            "are dropped (resume is not exact)", rows.shape[0], self.world_size)
+            return
+        self._sparse.load_remainder(self._sparse_params(), rows[self.rank])
+
+    def _sparse_params(self) -> list[torch.Tensor]:
+        return [p for p in self._ddp.module.parameters() if p.requires_grad]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         with self.collective("all-reduce of metrics"):

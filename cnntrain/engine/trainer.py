@@ -184,6 +184,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
             sample, _ = next(train_loader.iterate(step // steps_per_epoch))
             metrics.add_images("train/augmented_samples", sample[:16].float().cpu(), step)
     wrapped = strategy.wrap_model(model)
+    if resume_path is not None:
+        strategy.load_state_dict(state.get("strategy", {}))
     if cfg.compile:
         compile_started = time.perf_counter()
         wrapped = torch.compile(wrapped)
@@ -219,6 +221,7 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
         nonlocal last_save, save_due
         strategy.synchronize()  # --partial-update: one model, the same on every rank
         window_state = window.state(strategy.all_reduce_sum if world > 1 else None)
+        strategy_state = strategy.state_dict()
         if main:
             state = {
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -232,6 +235,8 @@ def _train(cfg: TrainConfig, strategy: Strategy) -> Result:
                 state["ema"] = ema.state_dict()
             if lookahead is not None:
                 state["lookahead"] = lookahead.state_dict()
+            if strategy_state:
+                state["strategy"] = strategy_state
             ckpt.save_checkpoint(state, run_dir / "checkpoints", step, keep_last=cfg.keep_last, best=best)
         last_save = time.perf_counter()
         save_due = False
