@@ -2,6 +2,7 @@
 the cifar10-fast recipe, on an image folder (e.g. the CIFAR-10 training JPEGs) with a held-out split.
 
     python benchmarks/time_to_accuracy.py --data-dir /data/cifar10-jpeg --out tta
+    python benchmarks/time_to_accuracy.py --data-dir /data/cifar10-jpeg --only cifar10-fast --fast-options "--cutout 8"
     python benchmarks/time_to_accuracy.py --runs tta/resnet20 tta/cifar10-fast --out tta   # table + plot again
 
 Each recipe runs as ``cnntrain train`` in a fresh process with ``--val-split`` images held out and an
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ def recipes(args: argparse.Namespace) -> dict[str, list[str]]:
     he = ["--recipe", "he2015-cifar10-resnet20", "--epochs", str(e), "--lr-milestones", str(e / 2), str(e * 3 / 4),
           "--precision", args.precision]
     fast = ["--recipe", "cifar10-fast"] + (["--epochs", str(args.fast_epochs)] if args.fast_epochs else [])
+    fast += shlex.split(args.fast_options)
     return {"resnet20": he, "cifar10-fast": fast}
 
 
@@ -65,6 +68,7 @@ def main() -> None:
     p.add_argument("--val-split", type=int, default=5000)
     p.add_argument("--resnet20-epochs", type=float, default=10, help="He recipe shortened to this many epochs")
     p.add_argument("--fast-epochs", type=float, default=0, help="cifar10-fast epochs (0: the recipe's)")
+    p.add_argument("--fast-options", default="", help='more cnntrain options for cifar10-fast, e.g. "--cutout 8"')
     p.add_argument("--precision", default="bf16", help="precision of the resnet20 run (the fast recipe sets its own)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--only", choices=("resnet20", "cifar10-fast"), help="train just one of the two")
