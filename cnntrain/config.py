@@ -41,7 +41,8 @@ class TrainConfig:
     # --- input pipeline ----------------------------------------------------------------------
     pipeline: str = "auto"  # auto (stream large or mixed-size folders) | memory | stream (DataLoader workers)
     workers: int = -1  # DataLoader worker processes per rank for streamed data (-1: auto; 0: main process)
-    min_crop_scale: float = 0.08  # streamed training: smallest RandomResizedCrop area (fraction of the image)
+    min_crop_scale: float = 0.08  # streamed training: smallest crop area (fraction of the image)
+    crop: str = "random-resized"  # streamed training: random-resized | bbox-distort (crops keep 10% of an object box)
     # --- model ------------------------------------------------------------------------------
     model: str = "resnet20"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +131,7 @@ CHOICES = {
     "augment": ("auto", "none", "flip", "crop-flip", "translate-flip"),
     "label_mode": ("fine", "coarse"),
     "pipeline": ("auto", "memory", "stream"),
+    "crop": ("random-resized", "bbox-distort"),
     "larc_mode": ("none", "clip", "scale"),
     "progress": ("auto", "bar", "log", "none"),
     "dist_backend": ("auto", "gloo", "nccl"),

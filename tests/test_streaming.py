@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -20,7 +21,10 @@ from cnntrain.data.streaming import (
     folder_dataset,
     random_resized_crop,
     resize_centre_crop,
+    sample_distorted_box,
 )
+from cnntrain.data.tfrecord import TFRecordWriter, encode_example, example_fields
+from cnntrain.errors import DataError
 from tests.helpers import tiny
 
 CPU = torch.device("cpu")
@@ -141,3 +145,59 @@ def test_folder_and_tfrecord_copy_train_on_the_same_images(photos: Path, tmp_pat
     assert cnntrain.evaluate(shards.run_dir, workers=1).count == cnntrain.evaluate(folder.run_dir).count == 6
     # 14 files listed (one undecodable, skipped inside its batch) vs 13 records: 4 vs 3 steps of 4.
     assert (folder.steps, shards.steps) == (4, 3)
+
+
+def test_distorted_box_crops_keep_a_tenth_of_an_object_box_and_respect_the_area_range() -> None:
+    rng = random.Random(3)
+    width, height = 200, 120
+    car = (0.6, 0.7, 0.9, 0.95)  # ymin, xmin, ymax, xmax: a small object near the bottom-right corner
+    x0, y0, x1, y1 = 0.7 * width, 0.6 * height, 0.95 * width, 0.9 * height
+    for boxes in ([car], []):
+        crops = [sample_distorted_box(width, height, rng, boxes, min_scale=0.05) for _ in range(300)]
+        assert len(set(crops)) > 250  # random, not the whole-image fallback
+        for left, top, right, bottom in crops:
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+            assert (right - left) * (bottom - top) >= 0.045 * width * height
+            if boxes:
+                inside = max(0, min(right, x1) - max(left, x0)) * max(0, min(bottom, y1) - max(top, y0))
+                assert inside >= 0.1 * (x1 - x0) * (y1 - y0)
+            else:  # the whole image is the object
+                assert (right - left) * (bottom - top) >= 0.1 * width * height - 1
+    # No crop can satisfy the constraints: the whole image, as TensorFlow does.
+    assert sample_distorted_box(width, height, rng, [car], min_scale=1.0) == (0, 0, width, height)
+
+
+def test_bbox_distort_crops_from_tfrecord_boxes_always_show_the_object(tmp_path: Path) -> None:
+    # A red image with a blue object in its right fifth: small random crops mostly miss it, and
+    # crops that keep 10% of the object's box always show some of it.
+    pixels = np.zeros((100, 200, 3), dtype=np.uint8)
+    pixels[..., 0] = 220
+    pixels[:, 160:] = (0, 0, 230)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    example = {"image/encoded": [buffer.getvalue()], "image/class/label": [1],
+               "image/object/bbox/ymin": [0.0], "image/object/bbox/xmin": [0.8],
+               "image/object/bbox/ymax": [1.0], "image/object/bbox/xmax": [1.0]}
+    with TFRecordWriter(tmp_path / "train-00000-of-00001") as writer:
+        writer.write(encode_example(example))
+
+    def blue_share(crop: str) -> list[float]:
+        cfg = build_config(dataset="tfrecord", data_dir=str(tmp_path), image_size=16, min_crop_scale=0.02, crop=crop)
+        data = load_data(cfg).train
+        return [float((data.load(0, seed)[2] > 128).float().mean()) for seed in range(60)]
+
+    assert min(blue_share("bbox-distort")) > 0
+    assert sum(share == 0 for share in blue_share("random-resized")) > 10
+
+
+def test_object_boxes_are_read_clipped_and_checked() -> None:
+    base = {"image/encoded": [b"jpeg"], "image/class/label": [3]}
+    boxes = {"image/object/bbox/ymin": [0.1, 0.5, -0.2], "image/object/bbox/xmin": [0.2, 0.5, 0.0],
+             "image/object/bbox/ymax": [0.6, 0.5, 1.5], "image/object/bbox/xmax": [0.9, 0.7, 1.0]}
+    image, label, found = example_fields(encode_example({**base, **boxes}), "shard: record 0")
+    assert image == b"jpeg" and label == 2
+    assert [tuple(round(v, 5) for v in b) for b in found] == [(0.1, 0.2, 0.6, 0.9), (0.0, 0.0, 1.0, 1.0)]
+    assert example_fields(encode_example(base), "x")[2] == []
+    bad = {**base, **boxes, "image/object/bbox/xmax": [0.9]}
+    with pytest.raises(DataError, match="shard: record 7: object boxes with 3, 3, 3, 1 values"):
+        example_fields(encode_example(bad), "shard: record 7")

@@ -161,6 +161,8 @@ def load_data(cfg: TrainConfig) -> DataBundle:
         raise ConfigError(f"unknown data set {cfg.dataset!r}{did_you_mean(cfg.dataset, LOADERS)}; "
                           f"choose from {', '.join(dataset_names())}")
     train, test, (mean, std), augment = LOADERS[cfg.dataset](cfg)
+    if isinstance(train, StreamDataset):
+        train.crop = cfg.crop
     val, val_name = test, "test"
     if cfg.val_split:
         train, val = hold_out(train, cfg.val_split)

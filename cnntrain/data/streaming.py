@@ -53,7 +53,8 @@ class StreamDataset:
     image_size: int
     source: str = ""
     train: bool = True  # random crop + flip (True) or resize + centre crop (False)
-    min_scale: float = 0.08  # smallest crop area, as a fraction of the image (RandomResizedCrop)
+    min_scale: float = 0.08  # smallest crop area, as a fraction of the image
+    crop: str = "random-resized"  # training crop: random-resized | bbox-distort (see distorted_bbox_crop)
     _files: dict = field(default_factory=dict, repr=False)  # open shard handles, per worker process
 
     def __len__(self) -> int:
@@ -70,18 +71,22 @@ class StreamDataset:
     def subset(self, index: torch.Tensor) -> StreamDataset:
         idx = index.tolist()
         return StreamDataset([self.items[i] for i in idx], self.labels[index], list(self.classes),
-                             self.image_size, self.source, self.train, self.min_scale)
+                             self.image_size, self.source, self.train, self.min_scale, self.crop)
 
     def as_eval(self) -> StreamDataset:
         """The same samples with the evaluation transform."""
         return StreamDataset(self.items, self.labels, self.classes, self.image_size, self.source, False,
-                             self.min_scale)
+                             self.min_scale, self.crop)
 
     def read(self, i: int) -> bytes:
         """The encoded bytes of sample ``i`` (CRC-checked for TFRecord)."""
+        return self.read_with_boxes(i)[0]
+
+    def read_with_boxes(self, i: int) -> tuple[bytes, list[tuple[float, float, float, float]]]:
+        """The encoded bytes of sample ``i`` and its object boxes (TFRecord Examples that carry them)."""
         item = self.items[i]
         if isinstance(item, tuple):
-            from cnntrain.data.tfrecord import example_image_label, read_record_at
+            from cnntrain.data.tfrecord import example_fields, read_record_at
 
             shard, offset = item[:2]
             # Keyed by process: a handle inherited through fork shares its file offset with the parent.
@@ -94,15 +99,16 @@ class StreamDataset:
                 data = handle.read(item[2])
                 if len(data) != item[2]:
                     raise DataError(f"{shard}: truncated: member at byte {offset} has {len(data)} of {item[2]} bytes")
-                return data
+                return data, []
             where = f"{shard}: record at byte {offset}"
-            return example_image_label(read_record_at(handle, offset, shard, f"at byte {offset}"), where)[0]
-        return Path(item).read_bytes()
+            image, _, boxes = example_fields(read_record_at(handle, offset, shard, f"at byte {offset}"), where)
+            return image, boxes
+        return Path(item).read_bytes(), []
 
     def load(self, i: int, seed: int) -> torch.Tensor | None:
         """Sample ``i`` as uint8 [3, S, S], or None when it cannot be decoded."""
         try:
-            data = self.read(i)
+            data, boxes = self.read_with_boxes(i)
             with Image.open(io.BytesIO(data)) as image:
                 if not self.train and image.format == "JPEG":
                     # libjpeg can decode at 1/2..1/8 scale: much faster when the image is large.
@@ -110,8 +116,12 @@ class StreamDataset:
                     image.draft("RGB", (resize, resize))
                 image.load()
                 image = _to_rgb(image)
-                out = random_resized_crop(image, self.image_size, random.Random(seed), self.min_scale) \
-                    if self.train else resize_centre_crop(image, self.image_size)
+                if not self.train:
+                    out = resize_centre_crop(image, self.image_size)
+                elif self.crop == "bbox-distort":
+                    out = distorted_bbox_crop(image, self.image_size, random.Random(seed), boxes, self.min_scale)
+                else:
+                    out = random_resized_crop(image, self.image_size, random.Random(seed), self.min_scale)
             return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
         except Exception as exc:  # noqa: BLE001 - a bad image must not kill a worker; it is counted
             log.debug("skipping sample %s: %s", self.items[i], exc)
@@ -141,6 +151,48 @@ def random_resized_crop(image: Image.Image, size: int, rng: random.Random, min_s
         w, h = min(w, width), min(h, height)
         left, top = (width - w) // 2, (height - h) // 2
         box = (left, top, left + w, top + h)
+    return _resize_flip(image, box, size, rng)
+
+
+def distorted_bbox_crop(image: Image.Image, size: int, rng: random.Random,
+                        boxes: Sequence[tuple[float, float, float, float]], min_scale: float = 0.05) -> Image.Image:
+    """nvcnn's training crop: :func:`sample_distorted_box`, resized to ``size``, randomly mirrored."""
+    return _resize_flip(image, sample_distorted_box(*image.size, rng, boxes, min_scale), size, rng)
+
+
+def sample_distorted_box(width: int, height: int, rng: random.Random,
+                         boxes: Sequence[tuple[float, float, float, float]], min_scale: float = 0.05,
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3), min_object_covered: float = 0.1,
+                         attempts: int = 100) -> tuple[int, int, int, int]:
+    """A crop (left, top, right, bottom) as TensorFlow's ``sample_distorted_bounding_box`` draws
+    it (used by nvcnn and the TF ImageNet scripts), from ``rng``.
+
+    Each attempt picks one object box (``boxes``: (ymin, xmin, ymax, xmax) in [0, 1]; none: the
+    whole image), an aspect ratio uniform in ``ratio`` and a height uniform over those whose area
+    is in [``min_scale``, 1] of the image and that fit, then a position; it is kept when it covers
+    at least ``min_object_covered`` of that box. After ``attempts`` misses: the whole image."""
+    area = width * height
+    objects = list(boxes) or [(0.0, 0.0, 1.0, 1.0)]
+    for _ in range(attempts):
+        ymin, xmin, ymax, xmax = objects[rng.randrange(len(objects))]
+        aspect = rng.uniform(*ratio)
+        low = math.sqrt(min_scale * area / aspect)
+        high = min(math.sqrt(area / aspect), height, width / aspect)
+        if low > high:
+            continue
+        h = max(1, round(rng.uniform(low, high)))
+        w = max(1, round(h * aspect))
+        if w > width or h > height:
+            continue
+        left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+        x0, y0, x1, y1 = xmin * width, ymin * height, xmax * width, ymax * height
+        covered = max(0.0, min(left + w, x1) - max(left, x0)) * max(0.0, min(top + h, y1) - max(top, y0))
+        if covered >= min_object_covered * (x1 - x0) * (y1 - y0):
+            return left, top, left + w, top + h
+    return 0, 0, width, height
+
+
+def _resize_flip(image: Image.Image, box: tuple[int, int, int, int], size: int, rng: random.Random) -> Image.Image:
     out = image.resize((size, size), Image.BILINEAR, box=box)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
 

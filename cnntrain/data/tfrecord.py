@@ -248,13 +248,32 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
 
 def example_image_label(data: bytes, where: str) -> tuple[bytes, int]:
     """(encoded image, 0-based label) of an ImageNet-style Example (``image/class/label`` is 1-based)."""
+    image, label, _ = example_fields(data, where)
+    return image, label
+
+
+BOX_KEYS = ("image/object/bbox/ymin", "image/object/bbox/xmin", "image/object/bbox/ymax", "image/object/bbox/xmax")
+
+
+def example_fields(data: bytes, where: str) -> tuple[bytes, int, list[tuple[float, float, float, float]]]:
+    """(encoded image, 0-based label, object boxes) of an ImageNet-style Example. Boxes are
+    (ymin, xmin, ymax, xmax) in [0, 1], as ImageNet's TFRecords store them; none when absent."""
     try:
         features = decode_example(data)
         image = features["image/encoded"][0]
         label = int(features["image/class/label"][0]) - 1
     except (ValueError, KeyError, IndexError, UnicodeDecodeError) as exc:
         raise DataError(f"{where}: not an image Example with image/encoded and image/class/label ({exc})") from None
-    return image, label
+    columns = [features.get(key, []) for key in BOX_KEYS]
+    if len({len(c) for c in columns}) != 1:
+        raise DataError(f"{where}: object boxes with {', '.join(str(len(c)) for c in columns)} values in "
+                        f"{', '.join(k.rsplit('/', 1)[1] for k in BOX_KEYS)}: they must be equal")
+    boxes = []
+    for ymin, xmin, ymax, xmax in zip(*columns):
+        ymin, xmin, ymax, xmax = (min(max(float(v), 0.0), 1.0) for v in (ymin, xmin, ymax, xmax))
+        if ymax > ymin and xmax > xmin:  # empty or inverted boxes say nothing: left out
+            boxes.append((ymin, xmin, ymax, xmax))
+    return image, label, boxes
 
 
 def shard_paths(root: str | os.PathLike, prefix: str) -> list[Path]:
