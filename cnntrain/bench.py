@@ -91,13 +91,15 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _stream_loader(data_dir: str, size: int, batch_size: int, device: torch.device, workers: int):
+def _stream_loader(data_dir: str, size: int, batch_size: int, device: torch.device, workers: int,
+                   decode: str = "host"):
     from cnntrain.data.folder import find_split
     from cnntrain.data.streaming import IMAGENET_STATS, StreamLoader, balance_threads, default_workers, folder_dataset
 
     root = Path(data_dir)
     split = root / "train" if (root / "train").is_dir() else root / (find_split(root) or "")
     data = folder_dataset(split, size)
+    data.decode = decode
     workers = workers if workers >= 0 else default_workers(device.type)
     balance_threads(workers, 0)
     mean, std = IMAGENET_STATS
@@ -114,10 +116,10 @@ def _batches(loader):
 def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, warmup: int = 3,
           precision: str = "fp32", data_dir: str | None = None, data_only: bool = False, device: str = "auto",
           image_size: int = 0, workers: int = -1, threads: int = 0, channels_last: bool = True,
-          num_classes: int = 1000) -> BenchResult:
+          num_classes: int = 1000, decode: str = "host") -> BenchResult:
     """Time ``steps`` training steps (after ``warmup`` untimed ones) of ``model`` on synthetic data
     (``data_dir=None``) or on the folder ``data_dir`` (streamed); ``data_only`` times the input
-    pipeline alone (decode + crop + flip + transfer)."""
+    pipeline alone (decode + crop + flip + transfer; ``decode="device"``: JPEGs decoded on the device)."""
     from cnntrain.models import create_model, get_spec
 
     if steps < 2:
@@ -131,8 +133,9 @@ def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, war
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     used_workers = 0
     loader = None
+    source_note = ", JPEGs decoded on the device" if decode == "device" else ""
     if data_dir:
-        loader, used_workers = _stream_loader(data_dir, size, batch_size, dev, workers)
+        loader, used_workers = _stream_loader(data_dir, size, batch_size, dev, workers, decode)
     elif data_only:
         raise ConfigError("--data-only needs --data-dir (a folder of images)")
 
@@ -148,7 +151,7 @@ def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, war
                 counts.append(images.shape[0])
         rate, err = _rate(counts, times)
         return BenchResult("-", batch_size, "-", str(dev), steps, rate, err, {"data": 1000 * sum(times) / steps},
-                           _peak_mb(dev), torch.get_num_threads(), used_workers, f"folder {data_dir}")
+                           _peak_mb(dev), torch.get_num_threads(), used_workers, f"folder {data_dir}{source_note}")
 
     net = create_model(model, num_classes).to(dev).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -190,7 +193,8 @@ def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, war
     rate, err = _rate(counts, totals)
     phase_ms = {k: 1000 * sum(v) / len(v) for k, v in phases.items()}
     return BenchResult(model, batch_size, precision, str(dev), steps, rate, err, phase_ms, _peak_mb(dev),
-                       torch.get_num_threads(), used_workers, f"folder {data_dir}" if data_dir else "synthetic")
+                       torch.get_num_threads(), used_workers,
+                       f"folder {data_dir}{source_note}" if data_dir else "synthetic")
 
 
 def machine_line() -> str:

@@ -141,6 +141,8 @@ def _add_tool_parsers(sub) -> None:
     p.add_argument("--data-only", action="store_true", help="time the input pipeline alone (decoded img/s)")
     p.add_argument("--image-size", type=int, default=0, help="crop side (default: the model's input size)")
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: auto)")
+    p.add_argument("--decode", choices=CHOICES["decode"], default="host",
+                   help="--data-dir: JPEGs decoded by the workers (host) or on the device (nvJPEG on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
     p.add_argument("--device", "-c", default="auto", choices=(*CHOICES["device"], *DEVICE_ALIASES))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -305,7 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench(args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                    precision=args.precision, data_dir=args.data_dir, data_only=args.data_only,
                    device=DEVICE_ALIASES.get(args.device, args.device), image_size=args.image_size,
-                   workers=args.workers, threads=args.threads)
+                   workers=args.workers, threads=args.threads, decode=args.decode)
     print(result.to_json() if args.json else result.describe())
     return 0
 

@@ -43,6 +43,7 @@ class TrainConfig:
     workers: int = -1  # DataLoader worker processes per rank for streamed data (-1: auto; 0: main process)
     min_crop_scale: float = 0.08  # streamed training: smallest crop area (fraction of the image)
     crop: str = "random-resized"  # streamed training: random-resized | bbox-distort (crops keep 10% of an object box)
+    decode: str = "host"  # streamed sets: host (workers decode) | device (JPEGs decoded on the device: nvJPEG on CUDA)
     # --- model ------------------------------------------------------------------------------
     model: str = "resnet20"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -132,6 +133,7 @@ CHOICES = {
     "label_mode": ("fine", "coarse"),
     "pipeline": ("auto", "memory", "stream"),
     "crop": ("random-resized", "bbox-distort"),
+    "decode": ("host", "device"),
     "larc_mode": ("none", "clip", "scale"),
     "progress": ("auto", "bar", "log", "none"),
     "dist_backend": ("auto", "gloo", "nccl"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from cnntrain.config import build_config
 from cnntrain.data.datasets import load_data
 from cnntrain.data.loaders import build_loaders
 from cnntrain.data.streaming import (
+    Encoded,
     StreamDataset,
     StreamLoader,
     folder_dataset,
@@ -201,3 +203,26 @@ def test_object_boxes_are_read_clipped_and_checked() -> None:
     bad = {**base, **boxes, "image/object/bbox/xmax": [0.9]}
     with pytest.raises(DataError, match="shard: record 7: object boxes with 3, 3, 3, 1 values"):
         example_fields(encode_example(bad), "shard: record 7")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-crops", "eval-crops"])
+def test_device_decoding_gives_the_host_pipelines_crops(photos: Path, caplog, train: bool) -> None:
+    """--decode device on CPU (libjpeg-turbo in the main process; nvJPEG on CUDA): the same images,
+    crops and flips as the workers' PIL decoding, up to resampling; non-JPEG and CMYK files still go
+    through PIL, and the truncated JPEG is skipped and counted just the same."""
+    host = folder_dataset(photos / "train", 24)
+    device = replace(host, decode="device")
+    bundle = load_data(build_config(dataset="folder", data_dir=str(photos), model="resnet20", decode="device"))
+    assert bundle.train.decode == bundle.val.decode == "device"
+    if not train:
+        host, device = host.as_eval(), device.as_eval()
+    encoded = [isinstance(device.load(i, seed=5), Encoded) for i in range(len(device))]
+    assert sum(encoded) == 11  # 10 RGB JPEGs + the truncated one; grey PNG, palette GIF, CMYK JPEG are not
+    with caplog.at_level("WARNING", "cnntrain"):
+        a = list(_loader(host, workers=1).iterate(epoch=3))
+        b = list(_loader(device, workers=1).iterate(epoch=3))
+    assert caplog.text.count("skipped 1 unreadable") == 2
+    for (x, y), (u, v) in zip(a, b, strict=True):
+        assert torch.equal(y, v) and x.shape == u.shape
+        difference = (x - u).abs()  # normalised units: 1/255 / std is about 0.017
+        assert difference.mean() < 0.05 and difference.max() < 1.0

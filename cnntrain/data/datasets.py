@@ -163,6 +163,9 @@ def load_data(cfg: TrainConfig) -> DataBundle:
     train, test, (mean, std), augment = LOADERS[cfg.dataset](cfg)
     if isinstance(train, StreamDataset):
         train.crop = cfg.crop
+        for part in (train, test):
+            if part is not None:
+                part.decode = cfg.decode
     val, val_name = test, "test"
     if cfg.val_split:
         train, val = hold_out(train, cfg.val_split)

@@ -24,8 +24,9 @@ import math
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ class StreamDataset:
     train: bool = True  # random crop + flip (True) or resize + centre crop (False)
     min_scale: float = 0.08  # smallest crop area, as a fraction of the image
     crop: str = "random-resized"  # training crop: random-resized | bbox-distort (see distorted_bbox_crop)
+    decode: str = "host"  # host: workers decode; device: workers pass JPEGs on, the device decodes them
     _files: dict = field(default_factory=dict, repr=False)  # open shard handles, per worker process
 
     def __len__(self) -> int:
@@ -70,13 +72,12 @@ class StreamDataset:
 
     def subset(self, index: torch.Tensor) -> StreamDataset:
         idx = index.tolist()
-        return StreamDataset([self.items[i] for i in idx], self.labels[index], list(self.classes),
-                             self.image_size, self.source, self.train, self.min_scale, self.crop)
+        return replace(self, items=[self.items[i] for i in idx], labels=self.labels[index],
+                       classes=list(self.classes), _files={})
 
     def as_eval(self) -> StreamDataset:
         """The same samples with the evaluation transform."""
-        return StreamDataset(self.items, self.labels, self.classes, self.image_size, self.source, False,
-                             self.min_scale, self.crop)
+        return replace(self, train=False, _files={})
 
     def read(self, i: int) -> bytes:
         """The encoded bytes of sample ``i`` (CRC-checked for TFRecord)."""
@@ -105,36 +106,91 @@ class StreamDataset:
             return image, boxes
         return Path(item).read_bytes(), []
 
-    def load(self, i: int, seed: int) -> torch.Tensor | None:
-        """Sample ``i`` as uint8 [3, S, S], or None when it cannot be decoded."""
+    def load(self, i: int, seed: int) -> torch.Tensor | Encoded | None:
+        """Sample ``i`` as uint8 [3, S, S]; with ``decode="device"`` an RGB or grey JPEG comes back
+        :class:`Encoded` instead (the same crop, left to :func:`decode_on_device`); None when it
+        cannot be read."""
         try:
             data, boxes = self.read_with_boxes(i)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                if self.decode == "device" and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                    box, flip = self._crop(image.size, boxes, seed)
+                    return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
                 if not self.train and image.format == "JPEG":
                     # libjpeg can decode at 1/2..1/8 scale: much faster when the image is large.
                     resize = round(self.image_size * EVAL_RESIZE_RATIO)
                     image.draft("RGB", (resize, resize))
                 image.load()
                 image = _to_rgb(image)
-                if not self.train:
-                    out = resize_centre_crop(image, self.image_size)
-                elif self.crop == "bbox-distort":
-                    out = distorted_bbox_crop(image, self.image_size, random.Random(seed), boxes, self.min_scale)
+                if self.train:
+                    box, flip = self._crop(image.size, boxes, seed)
+                    out = image.resize((self.image_size, self.image_size), Image.BILINEAR, box=box)
+                    out = out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
                 else:
-                    out = random_resized_crop(image, self.image_size, random.Random(seed), self.min_scale)
+                    out = resize_centre_crop(image, self.image_size)
             return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
         except Exception as exc:  # noqa: BLE001 - a bad image must not kill a worker; it is counted
             log.debug("skipping sample %s: %s", self.items[i], exc)
             return None
+
+    def _crop(self, size: tuple[int, int], boxes: list, seed: int) -> tuple[tuple[int, int, int, int], bool]:
+        """(box of the original image to show, mirror it?) for one sample: a function of ``seed``."""
+        if not self.train:
+            return centre_crop_box(*size, self.image_size), False
+        rng = random.Random(seed)
+        box = sample_distorted_box(*size, rng, boxes, self.min_scale) if self.crop == "bbox-distort" else \
+            sample_resized_crop_box(*size, rng, self.min_scale)
+        return box, rng.random() < 0.5
+
+
+@dataclass
+class Encoded:
+    """A JPEG for the training device to decode: its bytes, the box to show and the mirror flag."""
+
+    data: torch.Tensor  # uint8 [n], the file's bytes
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the full image
+    flip: bool
+
+
+def decode_on_device(encoded: Sequence[Encoded], size: int, device: torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEGs on ``device`` (nvJPEG on CUDA, libjpeg-turbo on CPU) in one batched call, then
+    crop, resize (antialiased bilinear, as PIL's) and mirror each there: uint8 [3, S, S] each, or
+    None for one that does not decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    def one(data: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            return None
+
+    try:
+        images = decode_jpeg([e.data for e in encoded], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the whole call: find it
+        images = [one(e.data) for e in encoded]
+    out: list[torch.Tensor | None] = []
+    for image, e in zip(images, encoded):
+        if image is None:
+            out.append(None)
+            continue
+        left, top, right, bottom = e.box
+        crop = F.resized_crop(image, top, left, bottom - top, right - left, [size, size], antialias=True)
+        out.append(crop.flip(-1) if e.flip else crop)
+    return out
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: random.Random, min_scale: float = 0.08,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
     """torchvision's RandomResizedCrop (area in [min_scale, 1], aspect in ``ratio``) + a random
     horizontal flip, drawing from ``rng`` so the result is a function of the seed alone."""
-    width, height = image.size
+    return _resize_flip(image, sample_resized_crop_box(*image.size, rng, min_scale, ratio), size, rng)
+
+
+def sample_resized_crop_box(width: int, height: int, rng: random.Random, min_scale: float = 0.08,
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (left, top, right, bottom), drawn from ``rng``."""
     area = width * height
-    box = None
     for _ in range(10):
         target = area * rng.uniform(min_scale, 1.0)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
@@ -142,16 +198,14 @@ def random_resized_crop(image: Image.Image, size: int, rng: random.Random, min_s
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            box = (left, top, left + w, top + h)
-            break
-    if box is None:  # fall back to a centre crop at the nearest allowed aspect, as torchvision does
-        aspect = width / height
-        w, h = (width, round(width / ratio[0])) if aspect < ratio[0] else \
-            (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height)
-        w, h = min(w, width), min(h, height)
-        left, top = (width - w) // 2, (height - h) // 2
-        box = (left, top, left + w, top + h)
-    return _resize_flip(image, box, size, rng)
+            return left, top, left + w, top + h
+    # fall back to a centre crop at the nearest allowed aspect, as torchvision does
+    aspect = width / height
+    w, h = (width, round(width / ratio[0])) if aspect < ratio[0] else \
+        (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height)
+    w, h = min(w, width), min(h, height)
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
 def distorted_bbox_crop(image: Image.Image, size: int, rng: random.Random,
@@ -197,6 +251,14 @@ def _resize_flip(image: Image.Image, box: tuple[int, int, int, int], size: int, 
     return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
 
 
+def centre_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """The box of the original image that :func:`resize_centre_crop` ends up showing."""
+    side = min(width, height) * size / round(size * EVAL_RESIZE_RATIO)
+    w, h = min(width, max(1, round(side))), min(height, max(1, round(side)))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
 def resize_centre_crop(image: Image.Image, size: int) -> Image.Image:
     """Shorter side to ``size * 256/224``, then the central ``size`` x ``size`` square."""
     resize = round(size * EVAL_RESIZE_RATIO)
@@ -222,12 +284,21 @@ class _Batches(torch.utils.data.Dataset):
         return self.data.load(i, seed), int(self.data.labels[i])
 
 
-def _collate(items: Sequence[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+class _Batch(NamedTuple):
+    pixels: torch.Tensor  # uint8 [n, 3, S, S]: the samples decoded by the workers
+    encoded: list  # Encoded: the samples the device decodes
+    is_encoded: torch.Tensor  # bool [n + len(encoded)]: which positions of the batch those fill
+    labels: torch.Tensor
+    skipped: int
+
+
+def _collate(items: Sequence[tuple[torch.Tensor | Encoded | None, int]]) -> _Batch:
     good = [(x, y) for x, y in items if x is not None]
-    skipped = len(items) - len(good)
-    if not good:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), skipped
+    pixels = [x for x, _ in good if not isinstance(x, Encoded)]
+    return _Batch(torch.stack(pixels) if pixels else torch.empty(0, dtype=torch.uint8),
+                  [x for x, _ in good if isinstance(x, Encoded)],
+                  torch.tensor([isinstance(x, Encoded) for x, _ in good], dtype=torch.bool),
+                  torch.tensor([y for _, y in good], dtype=torch.int64), len(items) - len(good))
 
 
 def _worker_init(_: int) -> None:
@@ -279,6 +350,26 @@ class StreamLoader(BatchPlan):
                     for s in steps]
         return [[(i, 0) for i in self.step_indices(epoch, s).tolist()] for s in steps]
 
+    def _merge_decoded(self, batch: _Batch, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The batch in its order with the device-decoded JPEGs in their places; (images, labels, failed)."""
+        decoded = decode_on_device(batch.encoded, self.data.image_size, self.device)
+        size = self.data.image_size
+        images = torch.empty(len(batch.labels), 3, size, size, dtype=torch.uint8, device=self.device)
+        if pixels.numel():
+            images[~batch.is_encoded.to(self.device)] = pixels
+        keep = torch.ones(len(batch.labels), dtype=torch.bool)
+        where = batch.is_encoded.nonzero().squeeze(1).tolist()
+        for position, image in zip(where, decoded):
+            if image is None:
+                keep[position] = False
+            else:
+                images[position] = image
+        failed = int((~keep).sum())
+        if failed:
+            images, labels = images[keep.to(self.device)], batch.labels[keep]
+            return images, labels, failed
+        return images, batch.labels, 0
+
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) on the device for steps ``start_step..`` of ``epoch``."""
         keys = self._batch_keys(epoch, start_step)
@@ -290,11 +381,15 @@ class StreamLoader(BatchPlan):
             prefetch_factor=self.prefetch if self.workers else None,
             multiprocessing_context="fork" if self.workers and hasattr(os, "fork") else None)
         skipped = 0
-        for images, labels, bad in loader:
-            skipped += bad
+        for batch in loader:
+            images, labels = batch.pixels.to(self.device, non_blocking=True), batch.labels
+            if batch.encoded:
+                images, labels, failed = self._merge_decoded(batch, images)
+                skipped += failed
+            skipped += batch.skipped
             if labels.numel() == 0:
                 continue
-            yield self.normalise(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+            yield self.normalise(images), labels.to(self.device, non_blocking=True)
         self.skipped += skipped
         if skipped:
             log.warning("%s: skipped %d unreadable or corrupt image(s) in this pass (%s)", self.data.source,
