@@ -36,6 +36,7 @@ class TrainConfig:
     augment: str = "auto"  # auto | none | flip | crop-flip | translate-flip
     pad: int = 4  # pixels of padding for crop / translate augmentation
     cutout: int = 0  # side of the square cut out of each training image (0: off)
+    rotate: float = 0.0  # in-memory sets: rotate each training image by a random angle in [-R, R] radians (NNabla)
     alternate_flip: bool = False  # in-memory sets: mirror each image in every other epoch (random start)
     drop_last: bool = False  # drop the last partial batch of each epoch (fixed shapes for compile)
     # --- input pipeline ----------------------------------------------------------------------

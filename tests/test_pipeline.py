@@ -1,7 +1,9 @@
+import math
+
 import torch
 
 from cnntrain.data.base import ArrayDataset
-from cnntrain.data.pipeline import Augment, DeviceLoader, cutout, random_crop
+from cnntrain.data.pipeline import Augment, DeviceLoader, cutout, random_crop, rotate
 
 
 def _data(n=103, shape=(3, 8, 8)):
@@ -118,3 +120,28 @@ def test_translate_pads_by_reflection_and_crop_by_zeros():
     assert torch.equal(reflected[0, 0, 2:, 2:], images[0, 0, :6, :6])
     assert torch.equal(reflected[0, 0, 0, 2:], images[0, 0, 2, :6])  # row -2 mirrors row 2
     assert Augment.from_name("translate-flip", pad=2).reflect and not Augment.from_name("crop-flip", pad=2).reflect
+
+
+def test_rotate_turns_about_the_centre_on_square_and_oblong_images():
+    square = torch.randint(1, 255, (2, 3, 8, 8), dtype=torch.uint8)
+    turned = rotate(square, torch.tensor([math.pi / 2, 0.0]))
+    assert torch.equal(turned[0], square[0].rot90(1, (1, 2))) and torch.equal(turned[1], square[1])
+    oblong = torch.randint(1, 255, (1, 3, 4, 8), dtype=torch.uint8)  # wider than high: a quarter turn
+    turned = rotate(oblong, torch.tensor([math.pi / 2]))  # keeps the central 4 x 4, the rest is black
+    assert torch.equal(turned[..., 2:6], oblong[..., 2:6].rot90(1, (2, 3)))
+    assert int(turned[..., :2].max()) == int(turned[..., 6:].max()) == 0
+    assert torch.equal(rotate(oblong, torch.tensor([math.pi])), oblong.flip(2).flip(3))
+
+
+def test_nnabla_rotation_draws_each_images_angle_within_the_limit():
+    grey = torch.full((300, 1, 16, 16), 200, dtype=torch.uint8)
+    augment = Augment.from_name("flip", rotate=0.25)
+    out = augment(grey, torch.Generator().manual_seed(1))
+    assert torch.equal(out, augment(grey, torch.Generator().manual_seed(1)))
+    assert (out[:, :, 6:10, 6:10] == 200).all()  # the middle is always inside the picture
+    corner = out[:, 0, 0, 0].float()  # black comes in at the corners, more the further it turns
+    assert corner.min() < 50 and corner.max() > 150
+    # 0.25 rad at most: a corner never turns by more than 0.25 * 11.3 px = 2.8 px, so the pixel two
+    # in from the corner along the diagonal is always at least partly inside.
+    assert (out[:, 0, 3, 3] > 0).all()
+    assert Augment.from_name("none", rotate=0.1) is not None and Augment.from_name("none") is None

@@ -20,7 +20,7 @@ def build_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, rank
     """(train, val) batch sources for ``data``; val is None when the set has no held-out split."""
     if isinstance(data.train, StreamDataset):
         return build_stream_loaders(cfg, data, device, rank, world_size)
-    augment = Augment.from_name(data.augment, cfg.pad, cfg.cutout, cfg.alternate_flip)
+    augment = Augment.from_name(data.augment, cfg.pad, cfg.cutout, cfg.alternate_flip, cfg.rotate)
     train = DeviceLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std,
                          shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, augment=augment,
                          drop_last=cfg.drop_last, channels_last=cfg.channels_last)

@@ -30,7 +30,8 @@ def mix_seed(*parts: int) -> int:
 @dataclass(frozen=True)
 class Augment:
     """Batched augmentation of uint8 images: random crop of a zero-padded image (``crop-flip``, He et
-    al.) or of a reflect-padded one (``translate-flip``, airbench), flip, cutout.
+    al.) or of a reflect-padded one (``translate-flip``, airbench), rotation by a random angle in
+    [-rotate, rotate] radians (NNabla's ``image_augmentation(angle=...)``), flip, cutout.
 
     ``alternate_flip`` (airbench): the caller passes each image's flip, which alternates from one
     epoch to the next from a random start, so every image is seen both ways in any two epochs.
@@ -41,14 +42,16 @@ class Augment:
     reflect: bool = False  # pad by reflection instead of zeros
     cutout: int = 0  # side of a random square set to zero (0: off)
     alternate_flip: bool = False
+    rotate: float = 0.0  # largest rotation in radians, either way (0: off)
 
     @classmethod
-    def from_name(cls, name: str, pad: int = 4, cutout: int = 0, alternate_flip: bool = False) -> Augment | None:
+    def from_name(cls, name: str, pad: int = 4, cutout: int = 0, alternate_flip: bool = False,
+                  rotate: float = 0.0) -> Augment | None:
         if name == "none":
-            return None if not cutout else cls(flip=False, pad=0, cutout=cutout)
+            return None if not (cutout or rotate) else cls(flip=False, pad=0, cutout=cutout, rotate=rotate)
         if name in ("flip", "crop-flip", "translate-flip"):
             return cls(flip=True, pad=0 if name == "flip" else pad, reflect=name == "translate-flip", cutout=cutout,
-                       alternate_flip=alternate_flip)
+                       alternate_flip=alternate_flip, rotate=rotate)
         raise ValueError(f"unknown augmentation {name!r}")
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator,
@@ -58,6 +61,9 @@ class Augment:
         if self.pad:
             shifts = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator).to(device)
             images = random_crop(images, self.pad, shifts[0], shifts[1], "reflect" if self.reflect else "constant")
+        if self.rotate:
+            angles = (torch.rand(n, generator=generator) * 2 - 1) * self.rotate
+            images = rotate(images, angles.to(device))
         if self.flip:
             if flips is None:
                 flips = torch.rand(n, generator=generator) < 0.5
@@ -83,6 +89,20 @@ def random_crop(images: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tens
     # Advanced indices around the channel slice put the indexed dims first: [N, H, W, C].
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2)
+
+
+def rotate(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate each uint8 image about its centre by its angle (radians; positive turns the picture
+    anticlockwise as displayed, as ``torch.rot90``), bilinear, black where no pixel comes from."""
+    n, c, h, w = images.shape
+    cos, sin = angles.float().cos(), angles.float().sin()
+    # The sampling grid is in [-1, 1] units of each side: scale the off-diagonal terms by the aspect.
+    theta = torch.stack([torch.stack([cos, -sin * h / w, torch.zeros_like(cos)], 1),
+                         torch.stack([sin * w / h, cos, torch.zeros_like(cos)], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, [n, c, h, w], align_corners=False)
+    out = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
+                                          align_corners=False)
+    return out.round_().clamp_(0, 255).to(images.dtype)
 
 
 def cutout(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
