@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnntrain.data.crops import resize_centre_crop
 from cnntrain.data.folder import IMAGE_EXTENSIONS, _to_rgb
-from cnntrain.data.streaming import resize_centre_crop
 from cnntrain.errors import DataError
 
 

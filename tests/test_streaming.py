@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,15 +15,7 @@ import cnntrain
 from cnntrain.config import build_config
 from cnntrain.data.datasets import load_data
 from cnntrain.data.loaders import build_loaders
-from cnntrain.data.streaming import (
-    Encoded,
-    StreamDataset,
-    StreamLoader,
-    folder_dataset,
-    random_resized_crop,
-    resize_centre_crop,
-    sample_distorted_box,
-)
+from cnntrain.data.streaming import Encoded, StreamDataset, StreamLoader, folder_dataset
 from cnntrain.data.tfrecord import TFRecordWriter, encode_example, example_fields
 from cnntrain.errors import DataError
 from tests.helpers import tiny
@@ -68,15 +59,6 @@ def test_grey_palette_cmyk_become_rgb_and_bad_files_give_none(photos: Path) -> N
         image = data.load(names.index(name), seed=1)
         assert image is not None and image.shape == (3, 24, 24) and image.dtype == torch.uint8
     assert data.load(names.index("truncated.jpg"), seed=1) is None
-
-
-def test_crops_are_a_function_of_the_seed() -> None:
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8))
-    a = np.asarray(random_resized_crop(image, 32, random.Random(7)))
-    b = np.asarray(random_resized_crop(image, 32, random.Random(7)))
-    c = np.asarray(random_resized_crop(image, 32, random.Random(8)))
-    assert a.shape == (32, 32, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
-    assert resize_centre_crop(image, 299).size == (299, 299)
 
 
 def test_auto_pipeline_streams_mixed_sizes_and_eval_size_follows_the_model(photos: Path) -> None:
@@ -147,26 +129,6 @@ def test_folder_and_tfrecord_copy_train_on_the_same_images(photos: Path, tmp_pat
     assert cnntrain.evaluate(shards.run_dir, workers=1).count == cnntrain.evaluate(folder.run_dir).count == 6
     # 14 files listed (one undecodable, skipped inside its batch) vs 13 records: 4 vs 3 steps of 4.
     assert (folder.steps, shards.steps) == (4, 3)
-
-
-def test_distorted_box_crops_keep_a_tenth_of_an_object_box_and_respect_the_area_range() -> None:
-    rng = random.Random(3)
-    width, height = 200, 120
-    car = (0.6, 0.7, 0.9, 0.95)  # ymin, xmin, ymax, xmax: a small object near the bottom-right corner
-    x0, y0, x1, y1 = 0.7 * width, 0.6 * height, 0.95 * width, 0.9 * height
-    for boxes in ([car], []):
-        crops = [sample_distorted_box(width, height, rng, boxes, min_scale=0.05) for _ in range(300)]
-        assert len(set(crops)) > 250  # random, not the whole-image fallback
-        for left, top, right, bottom in crops:
-            assert 0 <= left < right <= width and 0 <= top < bottom <= height
-            assert (right - left) * (bottom - top) >= 0.045 * width * height
-            if boxes:
-                inside = max(0, min(right, x1) - max(left, x0)) * max(0, min(bottom, y1) - max(top, y0))
-                assert inside >= 0.1 * (x1 - x0) * (y1 - y0)
-            else:  # the whole image is the object
-                assert (right - left) * (bottom - top) >= 0.1 * width * height - 1
-    # No crop can satisfy the constraints: the whole image, as TensorFlow does.
-    assert sample_distorted_box(width, height, rng, [car], min_scale=1.0) == (0, 0, width, height)
 
 
 def test_bbox_distort_crops_from_tfrecord_boxes_always_show_the_object(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """The streaming pipeline for sets too large (or too varied in size) to decode into memory.
 
-DataLoader workers read and decode each image (from a file or a TFRecord shard), crop and flip it
-on the host as uint8; normalisation happens on the training device. The interface is the one
+DataLoader workers read and decode each image (from a file, a TFRecord shard or a tar shard), crop
+and flip it on the host as uint8 (``crops.py`` draws the boxes); normalisation happens on the
+training device. With ``decode="device"`` the workers pass JPEGs on undecoded, with their boxes,
+and the main process decodes, crops and flips each batch on the training device. The interface is the one
 :class:`cnntrain.data.pipeline.DeviceLoader` has, so the engine does not know which it got:
 
 - the global batch of step ``s`` of epoch ``e`` is ``perm(seed, e)[s*B*W:(s+1)*B*W]``, and rank
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnntrain.data.crops import (
+    EVAL_RESIZE_RATIO,
+    centre_crop_box,
+    crop_resize,
+    resize_centre_crop,
+    sample_distorted_box,
+    sample_resized_crop_box,
+)
 from cnntrain.data.folder import _to_rgb
 from cnntrain.data.pipeline import BatchPlan, mix_seed
 from cnntrain.errors import DataError
@@ -39,7 +48,6 @@ from cnntrain.errors import DataError
 log = logging.getLogger("cnntrain")
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-EVAL_RESIZE_RATIO = 256 / 224  # resize-256 / centre-crop-224; gives 342 / 299 for Inception V3
 
 
 @dataclass
@@ -124,8 +132,7 @@ class StreamDataset:
                 image = _to_rgb(image)
                 if self.train:
                     box, flip = self._crop(image.size, boxes, seed)
-                    out = image.resize((self.image_size, self.image_size), Image.BILINEAR, box=box)
-                    out = out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+                    out = crop_resize(image, box, self.image_size, flip)
                 else:
                     out = resize_centre_crop(image, self.image_size)
             return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
@@ -178,96 +185,6 @@ def decode_on_device(encoded: Sequence[Encoded], size: int, device: torch.device
         crop = F.resized_crop(image, top, left, bottom - top, right - left, [size, size], antialias=True)
         out.append(crop.flip(-1) if e.flip else crop)
     return out
-
-
-def random_resized_crop(image: Image.Image, size: int, rng: random.Random, min_scale: float = 0.08,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    """torchvision's RandomResizedCrop (area in [min_scale, 1], aspect in ``ratio``) + a random
-    horizontal flip, drawing from ``rng`` so the result is a function of the seed alone."""
-    return _resize_flip(image, sample_resized_crop_box(*image.size, rng, min_scale, ratio), size, rng)
-
-
-def sample_resized_crop_box(width: int, height: int, rng: random.Random, min_scale: float = 0.08,
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (left, top, right, bottom), drawn from ``rng``."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(min_scale, 1.0)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            return left, top, left + w, top + h
-    # fall back to a centre crop at the nearest allowed aspect, as torchvision does
-    aspect = width / height
-    w, h = (width, round(width / ratio[0])) if aspect < ratio[0] else \
-        (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height)
-    w, h = min(w, width), min(h, height)
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def distorted_bbox_crop(image: Image.Image, size: int, rng: random.Random,
-                        boxes: Sequence[tuple[float, float, float, float]], min_scale: float = 0.05) -> Image.Image:
-    """nvcnn's training crop: :func:`sample_distorted_box`, resized to ``size``, randomly mirrored."""
-    return _resize_flip(image, sample_distorted_box(*image.size, rng, boxes, min_scale), size, rng)
-
-
-def sample_distorted_box(width: int, height: int, rng: random.Random,
-                         boxes: Sequence[tuple[float, float, float, float]], min_scale: float = 0.05,
-                         ratio: tuple[float, float] = (3 / 4, 4 / 3), min_object_covered: float = 0.1,
-                         attempts: int = 100) -> tuple[int, int, int, int]:
-    """A crop (left, top, right, bottom) as TensorFlow's ``sample_distorted_bounding_box`` draws
-    it (used by nvcnn and the TF ImageNet scripts), from ``rng``.
-
-    Each attempt picks one object box (``boxes``: (ymin, xmin, ymax, xmax) in [0, 1]; none: the
-    whole image), an aspect ratio uniform in ``ratio`` and a height uniform over those whose area
-    is in [``min_scale``, 1] of the image and that fit, then a position; it is kept when it covers
-    at least ``min_object_covered`` of that box. After ``attempts`` misses: the whole image."""
-    area = width * height
-    objects = list(boxes) or [(0.0, 0.0, 1.0, 1.0)]
-    for _ in range(attempts):
-        ymin, xmin, ymax, xmax = objects[rng.randrange(len(objects))]
-        aspect = rng.uniform(*ratio)
-        low = math.sqrt(min_scale * area / aspect)
-        high = min(math.sqrt(area / aspect), height, width / aspect)
-        if low > high:
-            continue
-        h = max(1, round(rng.uniform(low, high)))
-        w = max(1, round(h * aspect))
-        if w > width or h > height:
-            continue
-        left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-        x0, y0, x1, y1 = xmin * width, ymin * height, xmax * width, ymax * height
-        covered = max(0.0, min(left + w, x1) - max(left, x0)) * max(0.0, min(top + h, y1) - max(top, y0))
-        if covered >= min_object_covered * (x1 - x0) * (y1 - y0):
-            return left, top, left + w, top + h
-    return 0, 0, width, height
-
-
-def _resize_flip(image: Image.Image, box: tuple[int, int, int, int], size: int, rng: random.Random) -> Image.Image:
-    out = image.resize((size, size), Image.BILINEAR, box=box)
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
-
-
-def centre_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """The box of the original image that :func:`resize_centre_crop` ends up showing."""
-    side = min(width, height) * size / round(size * EVAL_RESIZE_RATIO)
-    w, h = min(width, max(1, round(side))), min(height, max(1, round(side)))
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def resize_centre_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size * 256/224``, then the central ``size`` x ``size`` square."""
-    resize = round(size * EVAL_RESIZE_RATIO)
-    width, height = image.size
-    scale = resize / min(width, height)
-    w, h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((w, h), Image.BILINEAR)
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 class _Batches(torch.utils.data.Dataset):
