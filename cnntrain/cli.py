@@ -176,6 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from cnntrain.api import evaluate, load_weights
+    from cnntrain.dist.env import detect_launch
     from cnntrain.engine.progress import setup_logging
 
     setup_logging()
@@ -194,6 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _, cfg, meta = load_weights(args.checkpoint)
     result = evaluate(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size,
                       device=args.device, verify=args.verify)
+    if detect_launch().rank != 0:  # every rank holds the summed result; one report is enough
+        return 0
     classes = meta.get("classes") or [str(i) for i in range(len(result.class_total))]
     print(f"{args.checkpoint}: {cfg.model} on {cfg.dataset} ({result.count} images)")
     print(f"top-1 {100 * result.top1:.2f}% +- {100 * result.top1_stderr:.2f}  top-5 {100 * result.top5:.2f}%  "

@@ -43,7 +43,7 @@ class TrainConfig:
     pipeline: str = "auto"  # auto (stream large or mixed-size folders) | memory | stream (DataLoader workers)
     workers: int = -1  # DataLoader worker processes per rank for streamed data (-1: auto; 0: main process)
     min_crop_scale: float = 0.08  # streamed training: smallest crop area (fraction of the image)
-    crop: str = "random-resized"  # streamed training: random-resized | bbox-distort (crops keep 10% of an object box)
+    crop: str = "random-resized"  # streamed training: random-resized | bbox-distort (keeps a tenth of an object box)
     decode: str = "host"  # streamed sets: host (workers decode) | device (JPEGs decoded on the device: nvJPEG on CUDA)
     # --- model ------------------------------------------------------------------------------
     model: str = "resnet20"

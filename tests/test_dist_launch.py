@@ -254,7 +254,8 @@ def test_failed_workers_end_the_launcher_with_one_error_line(tmp_path):
 
 def test_eval_on_two_processes_gives_exactly_the_single_process_top1(ddp_run):
     """A checkpoint trained on 2 processes, scored by ``cnntrain eval`` on 1 and on 2 processes:
-    every image is scored once either way, so the counts and top-1 are identical."""
+    every image is scored once either way, so the counts and top-1 are identical; the report is
+    printed once (both ranks printing it interleaved their lines)."""
     run = ddp_run[0] / "run"
     one = run_cli("eval", "--checkpoint", str(run), timeout=120, env=ENV)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -265,6 +266,7 @@ def test_eval_on_two_processes_gives_exactly_the_single_process_top1(ddp_run):
     score = [ln for ln in one.stdout.splitlines() if ln.startswith("top-1")][0]
     assert "(64 images)" in one.stdout and "(64 images)" in two.stdout
     assert score in two.stdout.splitlines()
+    assert two.stdout.count("top-1") == 1  # rank 0 reports; rank 1 only scores its half
 
 
 def test_a_port_already_in_use_is_named_within_the_timeout(tmp_path):
