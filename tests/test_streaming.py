@@ -188,3 +188,15 @@ def test_device_decoding_gives_the_host_pipelines_crops(photos: Path, caplog, tr
         assert torch.equal(y, v) and x.shape == u.shape
         difference = (x - u).abs()  # normalised units: 1/255 / std is about 0.017
         assert difference.mean() < 0.05 and difference.max() < 1.0
+
+
+def test_options_for_the_other_kind_of_set_are_named_as_ignored(photos: Path, caplog) -> None:
+    with caplog.at_level("WARNING", "cnntrain"):
+        load_data(build_config(dataset="synthetic", crop="bbox-distort", decode="device"))
+        assert "synthetic: --crop, --decode ignored: it is held in memory" in caplog.text
+        caplog.clear()
+        load_data(build_config(dataset="folder", data_dir=str(photos), model="resnet20", rotate=0.2, cutout=4))
+        assert "folder: --rotate, --cutout ignored: it is streamed" in caplog.text
+        caplog.clear()
+        load_data(build_config(dataset="folder", data_dir=str(photos), model="resnet20", crop="bbox-distort"))
+        assert "ignored" not in caplog.text

@@ -161,11 +161,13 @@ def load_data(cfg: TrainConfig) -> DataBundle:
         raise ConfigError(f"unknown data set {cfg.dataset!r}{did_you_mean(cfg.dataset, LOADERS)}; "
                           f"choose from {', '.join(dataset_names())}")
     train, test, (mean, std), augment = LOADERS[cfg.dataset](cfg)
-    if isinstance(train, StreamDataset):
+    streamed = isinstance(train, StreamDataset)
+    if streamed:
         train.crop = cfg.crop
         for part in (train, test):
             if part is not None:
                 part.decode = cfg.decode
+    _warn_unused_options(cfg, streamed)
     val, val_name = test, "test"
     if cfg.val_split:
         train, val = hold_out(train, cfg.val_split)
@@ -176,6 +178,19 @@ def load_data(cfg: TrainConfig) -> DataBundle:
     if val is not None:
         check_labels(val, train.num_classes)
     return DataBundle(train, val, val_name, tuple(mean), tuple(std), augment)
+
+
+def _warn_unused_options(cfg: TrainConfig, streamed: bool) -> None:
+    """Say so when an augmentation option given cannot act on this kind of set (in memory or streamed)."""
+    if streamed:
+        unused = [("--rotate", cfg.rotate), ("--cutout", cfg.cutout), ("--alternate-flip", cfg.alternate_flip)]
+        where = "it is streamed (RandomResizedCrop or --crop), these act on in-memory sets"
+    else:
+        unused = [("--crop", cfg.crop != "random-resized"), ("--decode", cfg.decode != "host")]
+        where = "it is held in memory, these act on streamed sets"
+    names = [name for name, given in unused if given]
+    if names:
+        log.warning("%s: %s ignored: %s", cfg.dataset, ", ".join(names), where)
 
 
 def hold_out(train: ArrayDataset, count: int) -> tuple[ArrayDataset, ArrayDataset]:
