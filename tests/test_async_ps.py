@@ -1,5 +1,5 @@
-"""Asynchronous parameter-server training: config checks, shards, the transport, the staleness
-bound and sync equivalence (roles as threads of this process), and real jobs on loopback: a
+"""Asynchronous parameter-server training: config checks, shards, the staleness bound and sync
+equivalence (roles as threads of this process), and real jobs on loopback: a
 whole job against synchronous training, a worker SIGKILLed, the ps SIGKILLed. Every job has a
 timeout and must leave no process behind."""
 
@@ -22,10 +22,9 @@ import cnntrain
 from cnntrain.cli import main
 from cnntrain.config import build_config
 from cnntrain.data.pipeline import BatchPlan
-from cnntrain.dist.ps.client import JOB_STARTED_ENV, PsClient, run_finished
-from cnntrain.dist.ps.cluster import CHIEF, EVALUATOR, WORKER, ShardPlan, cluster_from_config, shard_indices
+from cnntrain.dist.ps.client import PsClient
+from cnntrain.dist.ps.cluster import CHIEF, WORKER, ShardPlan, cluster_from_config, shard_indices
 from cnntrain.dist.ps.server import run_ps
-from cnntrain.dist.ps.transport import GaveUp, Link, LinkError, Listener, Message, Peer
 from cnntrain.dist.ps.worker import run_trainer
 from cnntrain.errors import ConfigError, DistributedError
 from cnntrain.models import create_model
@@ -95,121 +94,6 @@ def test_parameters_are_sharded_by_size_and_balanced():
     largest = max(p.numel() for p in model.parameters())
     assert max(loads) - min(loads) <= largest and sum(loads) == sum(p.numel() for p in model.parameters())
     assert all(plan.params_of(k) for k in range(3))
-
-
-# ---------------------------------------------------------------------------------------- transport
-
-
-def test_transport_carries_numbers_and_tensors_and_reports_a_vanished_client():
-    port = free_port()
-    listener = Listener("127.0.0.1", port, timeout=10, name="test ps")
-    seen: dict = {}
-
-    def serve():
-        while (peer := listener.accept()) is None:
-            time.sleep(0.01)
-        peer.open()
-        msg = peer.recv(10)
-        peer.send(Message(msg.op + 1, tuple(n * 2 for n in msg.numbers), tuple(t * 2 for t in msg.tensors)))
-        try:
-            peer.recv(10)
-        except LinkError as exc:
-            seen["error"] = str(exc)
-        peer.close()
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    link = Link.connect("127.0.0.1", port, local_host="127.0.0.1", timeout=10, name="test ps")
-    tensors = (torch.arange(5, dtype=torch.float32), torch.tensor([1.5, -2.0], dtype=torch.float64),
-               torch.tensor([2**40], dtype=torch.int64), torch.empty(0))
-    reply = link.request(Message(7, (1.0, 2.5, 2**50), tensors))
-    assert reply.op == 8 and reply.numbers == (2.0, 5.0, 2.0**51)
-    assert all(torch.equal(a * 2, b) and a.dtype == b.dtype for a, b in zip(tensors, reply.tensors))
-    link.close()  # drops the pair without a goodbye: the server's next read fails at once
-    server.join(timeout=10)
-    listener.close()
-    assert seen["error"] == "connection closed"
-    with pytest.raises(LinkError, match="not reachable within 1 s"):
-        Link.connect("127.0.0.1", free_port(), local_host="127.0.0.1", timeout=1, name="ps 9")
-    started = time.monotonic()
-    with pytest.raises(GaveUp):  # e.g. the run finished before this role came up
-        Link.connect("127.0.0.1", free_port(), local_host="127.0.0.1", timeout=60, name="ps 9", stop=lambda: True)
-    assert time.monotonic() - started < 10
-
-
-def test_a_server_that_goes_away_while_a_link_is_built_ends_connect_at_once():
-    """A role that came up just as the job ended must not wait out --dist-timeout in gloo's connect."""
-    for stop, error in ((None, LinkError), (lambda: True, GaveUp)):
-        port = free_port()
-        listener = Listener("127.0.0.1", port, timeout=60, name="test ps")
-        outcome: dict = {}
-
-        def connect(stop=stop, port=port, outcome=outcome):
-            started = time.monotonic()
-            try:
-                Link.connect("127.0.0.1", port, local_host="127.0.0.1", timeout=60, name="ps 0", stop=stop)
-            except LinkError as exc:
-                outcome["error"] = exc
-            outcome["seconds"] = time.monotonic() - started
-
-        client = threading.Thread(target=connect, daemon=True)
-        client.start()
-        deadline = time.monotonic() + 20
-        while listener.accept() is None and time.monotonic() < deadline:  # the client asked for a link ...
-            time.sleep(0.01)
-        listener.close()  # ... and the server ends without building its end
-        client.join(timeout=30)
-        assert not client.is_alive() and type(outcome["error"]) is error and outcome["seconds"] < 20
-
-
-def test_the_ps_answers_a_role_whose_link_opens_as_the_chief_finishes(tmp_path, monkeypatch):
-    options = _cluster_options(tmp_path, 1)
-    ps_cfg = build_config(**options, role="ps", ps_index=0)
-    cluster = cluster_from_config(ps_cfg)
-    accepted, chief_gone = threading.Event(), threading.Event()
-    real_open = Peer.open
-
-    def slow_open(peer):  # the evaluator's link is still being built when the last client leaves
-        if peer.number == 2:
-            accepted.set()
-            chief_gone.wait(20)
-            time.sleep(0.5)
-        real_open(peer)
-
-    monkeypatch.setattr(Peer, "open", slow_open)
-    result: dict = {}
-    ps = threading.Thread(target=lambda: result.update(ps=run_ps(ps_cfg, cluster)), daemon=True)
-    ps.start()
-    chief = PsClient(build_config(**options, role="chief"), cluster, CHIEF, 0)
-    chief.connect()
-    evaluator = PsClient(build_config(**options, role="evaluator"), cluster, EVALUATOR, 0, ps_indices=[0])
-
-    def evaluate():
-        evaluator.connect()
-        result["finished"] = evaluator.stats().finished
-        evaluator.close()
-
-    scorer = threading.Thread(target=evaluate, daemon=True)
-    scorer.start()
-    assert accepted.wait(20)
-    chief.finish()
-    chief.close()
-    chief_gone.set()
-    scorer.join(timeout=30)
-    ps.join(timeout=30)
-    assert not scorer.is_alive() and not ps.is_alive()
-    assert result["finished"] is True and "ps" in result
-
-
-def test_a_role_that_comes_up_after_the_run_finished_can_tell(tmp_path, monkeypatch):
-    cfg = build_config(**_cluster_options(tmp_path, 2))
-    monkeypatch.setenv(JOB_STARTED_ENV, str(time.time() - 5))
-    finished = run_finished(cfg)
-    assert not finished()
-    (tmp_path / "summary.json").write_text("{}")
-    assert finished()
-    monkeypatch.setenv(JOB_STARTED_ENV, str(time.time() + 60))  # a summary from an earlier run does not count
-    assert not run_finished(cfg)()
 
 
 # --------------------------------------------------------------------- roles as threads of this process
