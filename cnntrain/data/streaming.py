@@ -63,7 +63,7 @@ class StreamDataset:
     source: str = ""
     train: bool = True  # random crop + flip (True) or resize + centre crop (False)
     min_scale: float = 0.08  # smallest crop area, as a fraction of the image
-    crop: str = "random-resized"  # training crop: random-resized | bbox-distort (see distorted_bbox_crop)
+    crop: str = "random-resized"  # training crop: random-resized | bbox-distort (crops.sample_distorted_box)
     decode: str = "host"  # host: workers decode; device: workers pass JPEGs on, the device decodes them
     _files: dict = field(default_factory=dict, repr=False)  # open shard handles, per worker process
 
@@ -269,8 +269,8 @@ class StreamLoader(BatchPlan):
 
     def _merge_decoded(self, batch: _Batch, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The batch in its order with the device-decoded JPEGs in their places; (images, labels, failed)."""
-        decoded = decode_on_device(batch.encoded, self.data.image_size, self.device)
         size = self.data.image_size
+        decoded = decode_on_device(batch.encoded, size, self.device)
         images = torch.empty(len(batch.labels), 3, size, size, dtype=torch.uint8, device=self.device)
         if pixels.numel():
             images[~batch.is_encoded.to(self.device)] = pixels
@@ -283,8 +283,7 @@ class StreamLoader(BatchPlan):
                 images[position] = image
         failed = int((~keep).sum())
         if failed:
-            images, labels = images[keep.to(self.device)], batch.labels[keep]
-            return images, labels, failed
+            return images[keep.to(self.device)], batch.labels[keep], failed
         return images, batch.labels, 0
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
