@@ -10,17 +10,21 @@ from PIL import Image
 from cnntrain.data.crops import (
     centre_crop_box,
     crop_resize,
-    random_resized_crop,
     resize_centre_crop,
     sample_distorted_box,
+    sample_resized_crop_box,
 )
 
 
 def test_crops_are_a_function_of_the_seed() -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8))
-    a = np.asarray(random_resized_crop(image, 32, random.Random(7)))
-    b = np.asarray(random_resized_crop(image, 32, random.Random(7)))
-    c = np.asarray(random_resized_crop(image, 32, random.Random(8)))
+
+    def crop(seed: int) -> np.ndarray:  # as StreamDataset draws it: the box, then the mirror flag
+        rng = random.Random(seed)
+        box = sample_resized_crop_box(*image.size, rng)
+        return np.asarray(crop_resize(image, box, 32, rng.random() < 0.5))
+
+    a, b, c = crop(7), crop(7), crop(8)
     assert a.shape == (32, 32, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
     assert resize_centre_crop(image, 299).size == (299, 299)
 

@@ -21,13 +21,6 @@ from PIL import Image
 EVAL_RESIZE_RATIO = 256 / 224  # resize-256 / centre-crop-224; gives 342 / 299 for Inception V3
 
 
-def random_resized_crop(image: Image.Image, size: int, rng: random.Random, min_scale: float = 0.08,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    """torchvision's RandomResizedCrop (area in [min_scale, 1], aspect in ``ratio``) + a random
-    horizontal flip, drawing from ``rng`` so the result is a function of the seed alone."""
-    return _resize_flip(image, sample_resized_crop_box(*image.size, rng, min_scale, ratio), size, rng)
-
-
 def sample_resized_crop_box(width: int, height: int, rng: random.Random, min_scale: float = 0.08,
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (left, top, right, bottom), drawn from ``rng``."""
@@ -47,12 +40,6 @@ def sample_resized_crop_box(width: int, height: int, rng: random.Random, min_sca
     w, h = min(w, width), min(h, height)
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
-
-
-def distorted_bbox_crop(image: Image.Image, size: int, rng: random.Random,
-                        boxes: Sequence[tuple[float, float, float, float]], min_scale: float = 0.05) -> Image.Image:
-    """nvcnn's training crop: :func:`sample_distorted_box`, resized to ``size``, randomly mirrored."""
-    return _resize_flip(image, sample_distorted_box(*image.size, rng, boxes, min_scale), size, rng)
 
 
 def sample_distorted_box(width: int, height: int, rng: random.Random,
@@ -85,10 +72,6 @@ def sample_distorted_box(width: int, height: int, rng: random.Random,
         if covered >= min_object_covered * (x1 - x0) * (y1 - y0):
             return left, top, left + w, top + h
     return 0, 0, width, height
-
-
-def _resize_flip(image: Image.Image, box: tuple[int, int, int, int], size: int, rng: random.Random) -> Image.Image:
-    return crop_resize(image, box, size, rng.random() < 0.5)
 
 
 def crop_resize(image: Image.Image, box: tuple[int, int, int, int], size: int, flip: bool) -> Image.Image:
