@@ -33,7 +33,7 @@ def train(config: TrainConfig | dict | None = None, **kwargs: Any) -> Result:
         options = {**(config or {}), **kwargs}
         cfg = build_config(options.pop("recipe", None) or options.pop("config", None), **options)
     if cfg.strategy == "async-ps":  # its roles run their own loop
-        from cnntrain.dist.ps import run_async_ps
+        from cnntrain.parallel.ps import run_async_ps
 
         return run_async_ps(cfg)
     return run(cfg)
@@ -105,8 +105,8 @@ def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
     ``overrides`` change the stored config (e.g. ``data_dir=``, ``batch_size=``, ``device=``)."""
     from cnntrain.data.datasets import load_data
     from cnntrain.data.loaders import build_eval_loader
-    from cnntrain.dist.strategy import make_strategy
     from cnntrain.engine.evaluate import evaluate as score
+    from cnntrain.parallel.strategy import make_strategy
 
     state, saved, meta = load_weights(path)
     cfg = build_config(**{**saved.to_dict(), "resume": "", **{k: v for k, v in overrides.items() if v is not None}})

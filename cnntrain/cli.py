@@ -19,8 +19,8 @@ import sys
 import typing
 
 from cnntrain.config import CHOICES, DEVICE_ALIASES, TrainConfig, build_config
-from cnntrain.dist.launch import add_launch_flags
 from cnntrain.errors import CnnTrainError, ConfigError
+from cnntrain.parallel.launch import add_launch_flags
 
 log = logging.getLogger("cnntrain")
 
@@ -154,11 +154,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = build_config(args.recipe, **options)  # bad flags fail here, before any worker starts
     if cfg.strategy == "async-ps":
-        from cnntrain.dist.ps import train_async_ps
+        from cnntrain.parallel.ps import train_async_ps
 
         return train_async_ps(cfg, args)
     if args.nproc_per_node:
-        from cnntrain.dist.launch import is_launcher_child, launch_local, strip_launch_flags
+        from cnntrain.parallel.launch import is_launcher_child, launch_local, strip_launch_flags
 
         if is_launcher_child():
             raise ConfigError("--nproc-per-node inside a job started by torchrun/mpirun/srun: drop one launcher")
@@ -176,8 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from cnntrain.api import evaluate, load_weights
-    from cnntrain.dist.env import detect_launch
     from cnntrain.engine.progress import setup_logging
+    from cnntrain.parallel.env import detect_launch
 
     setup_logging()
     if args.watch:

@@ -225,7 +225,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lookahead must be >= 0 and --lookahead-alpha in (0, 1), got {cfg.lookahead} and "
                           f"{cfg.lookahead_alpha}")
     _validate_exchange(cfg)
-    from cnntrain.dist.ps.cluster import validate_async_ps  # here: that module imports this one
+    from cnntrain.parallel.ps.cluster import validate_async_ps  # here: that module imports this one
 
     validate_async_ps(cfg)
 

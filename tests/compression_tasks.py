@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cnntrain.config import build_config
-from cnntrain.dist.env import detect_launch
-from cnntrain.dist.strategy import DataParallel
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.models.registry import create_model_for
+from cnntrain.parallel.env import detect_launch
+from cnntrain.parallel.strategy import DataParallel
 from tests.dist_tasks import gather_list, report_from_every_rank
 
 STEPS = 6

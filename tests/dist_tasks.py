@@ -52,9 +52,9 @@ def compression_report() -> dict:
     """Train a small CNN a few DDP steps with each gradient compression: are the ranks' weights
     still identical, and how far is each from uncompressed training?"""
     from cnntrain.config import build_config
-    from cnntrain.dist.env import detect_launch
-    from cnntrain.dist.strategy import DataParallel
     from cnntrain.models.registry import create_model_for
+    from cnntrain.parallel.env import detect_launch
+    from cnntrain.parallel.strategy import DataParallel
 
     rank = dist.get_rank()
     results = {}

@@ -22,12 +22,12 @@ import cnntrain
 from cnntrain.cli import main
 from cnntrain.config import build_config
 from cnntrain.data.pipeline import BatchPlan
-from cnntrain.dist.ps.client import PsClient
-from cnntrain.dist.ps.cluster import CHIEF, WORKER, ShardPlan, cluster_from_config, shard_indices
-from cnntrain.dist.ps.server import run_ps
-from cnntrain.dist.ps.worker import run_trainer
 from cnntrain.errors import ConfigError, DistributedError
 from cnntrain.models import create_model
+from cnntrain.parallel.ps.client import PsClient
+from cnntrain.parallel.ps.cluster import CHIEF, WORKER, ShardPlan, cluster_from_config, shard_indices
+from cnntrain.parallel.ps.server import run_ps
+from cnntrain.parallel.ps.worker import run_trainer
 from tests.fixtures import write_cifar_python_tar
 from tests.helpers import REPO, cli_args, tiny, weights
 from tests.test_dist_launch import children_of, free_port, processes_mentioning

@@ -15,11 +15,11 @@ import torch
 
 from cnntrain.cli import main
 from cnntrain.config import build_config
-from cnntrain.dist.env import LaunchEnv
-from cnntrain.dist.hooks import SparseState
-from cnntrain.dist.partial import PartialAverager
-from cnntrain.dist.strategy import DataParallel
 from cnntrain.errors import ConfigError
+from cnntrain.parallel.env import LaunchEnv
+from cnntrain.parallel.hooks import SparseState
+from cnntrain.parallel.partial import PartialAverager
+from cnntrain.parallel.strategy import DataParallel
 from tests.fixtures import cifar_python_files, faint_cifar_arrays, write_files
 from tests.helpers import REPO, cli_args, tiny
 

@@ -9,13 +9,13 @@ import torch.distributed as dist
 
 from cnntrain.cli import main
 from cnntrain.config import build_config
-from cnntrain.dist.env import LaunchEnv, detect_launch
-from cnntrain.dist.hooks import all_reduce_mean, broadcast_state, bucket_mb_for
-from cnntrain.dist.launch import strip_launch_flags, torchrun_argv
-from cnntrain.dist.strategy import DataParallel, is_collective_failure, resume_after_restart
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.errors import ConfigError
 from cnntrain.models.registry import create_model_for
+from cnntrain.parallel.env import LaunchEnv, detect_launch
+from cnntrain.parallel.hooks import all_reduce_mean, broadcast_state, bucket_mb_for
+from cnntrain.parallel.launch import strip_launch_flags, torchrun_argv
+from cnntrain.parallel.strategy import DataParallel, is_collective_failure, resume_after_restart
 from tests.helpers import cli_args, tiny
 
 

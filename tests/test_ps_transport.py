@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cnntrain.config import build_config
-from cnntrain.dist.ps.client import JOB_STARTED_ENV, PsClient, run_finished
-from cnntrain.dist.ps.cluster import CHIEF, EVALUATOR, cluster_from_config
-from cnntrain.dist.ps.server import run_ps
-from cnntrain.dist.ps.transport import GaveUp, Link, LinkError, Listener, Message, Peer
+from cnntrain.parallel.ps.client import JOB_STARTED_ENV, PsClient, run_finished
+from cnntrain.parallel.ps.cluster import CHIEF, EVALUATOR, cluster_from_config
+from cnntrain.parallel.ps.server import run_ps
+from cnntrain.parallel.ps.transport import GaveUp, Link, LinkError, Listener, Message, Peer
 from tests.test_async_ps import _cluster_options
 from tests.test_dist_launch import free_port
 

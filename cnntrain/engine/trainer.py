@@ -24,7 +24,6 @@ import torch.nn as nn
 from cnntrain.config import TrainConfig, config_from_dict, save_config
 from cnntrain.data.datasets import DataBundle, load_data
 from cnntrain.data.loaders import build_loaders
-from cnntrain.dist.strategy import Strategy, make_strategy
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import EvalResult, evaluate, main_logits
 from cnntrain.engine.larc import apply_larc
@@ -39,6 +38,7 @@ from cnntrain.engine.run import export_safetensors, peak_memory_mb, resolve_run_
 from cnntrain.errors import ConfigError, NumericalError
 from cnntrain.models import count_parameters, get_spec
 from cnntrain.models.registry import create_model_for
+from cnntrain.parallel.strategy import Strategy, make_strategy
 
 log = logging.getLogger("cnntrain")
 

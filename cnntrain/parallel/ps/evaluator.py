@@ -22,17 +22,17 @@ import torch
 from cnntrain.config import TrainConfig
 from cnntrain.data.datasets import load_data
 from cnntrain.data.loaders import build_eval_loader
-from cnntrain.dist.env import usable_cores
-from cnntrain.dist.ps.client import PsClient, run_finished
-from cnntrain.dist.ps.cluster import EVALUATOR, Cluster
-from cnntrain.dist.ps.transport import GaveUp
-from cnntrain.dist.strategy import pick_device
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import evaluate
 from cnntrain.engine.metrics import COLUMNS
 from cnntrain.engine.run import resolve_run_dir
 from cnntrain.engine.trainer import build_model
 from cnntrain.errors import CheckpointError, ConfigError
+from cnntrain.parallel.env import usable_cores
+from cnntrain.parallel.ps.client import PsClient, run_finished
+from cnntrain.parallel.ps.cluster import EVALUATOR, Cluster
+from cnntrain.parallel.ps.transport import GaveUp
+from cnntrain.parallel.strategy import pick_device
 
 log = logging.getLogger("cnntrain")
 POLL_SECONDS = 0.5

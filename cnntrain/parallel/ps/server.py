@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 from cnntrain.config import TrainConfig
-from cnntrain.dist.ps import protocol as P
-from cnntrain.dist.ps.cluster import (
+from cnntrain.errors import DistributedError
+from cnntrain.parallel.ps import protocol as P
+from cnntrain.parallel.ps.cluster import (
     CHIEF,
     EVALUATOR,
     PS,
@@ -47,9 +48,8 @@ from cnntrain.dist.ps.cluster import (
     config_fingerprint,
     role_name,
 )
-from cnntrain.dist.ps.store import ShardStore
-from cnntrain.dist.ps.transport import LinkError, Listener, Message, Peer
-from cnntrain.errors import DistributedError
+from cnntrain.parallel.ps.store import ShardStore
+from cnntrain.parallel.ps.transport import LinkError, Listener, Message, Peer
 
 log = logging.getLogger("cnntrain")
 

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from cnntrain.config import TrainConfig, save_config
-from cnntrain.dist.env import usable_cores
-from cnntrain.dist.ps.client import JOB_STARTED_ENV
 from cnntrain.errors import ConfigError, DistributedError
+from cnntrain.parallel.env import usable_cores
+from cnntrain.parallel.ps.client import JOB_STARTED_ENV
 
 log = logging.getLogger("cnntrain")
 STOP_GRACE_S = 5.0

@@ -21,8 +21,6 @@ import torch.nn as nn
 from cnntrain.config import TrainConfig, save_config
 from cnntrain.data.datasets import DataBundle
 from cnntrain.data.loaders import build_eval_loader
-from cnntrain.dist.ps.client import PsClient, Stats
-from cnntrain.dist.ps.cluster import WORKER, Cluster, ShardPlan, role_name
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import EvalResult, evaluate
 from cnntrain.engine.metrics import MetricsLog, TrainWindow, write_summary
@@ -32,6 +30,8 @@ from cnntrain.engine.progress import Progress
 from cnntrain.engine.run import export_safetensors, peak_memory_mb, resolve_run_dir
 from cnntrain.engine.trainer import Result
 from cnntrain.models import count_parameters
+from cnntrain.parallel.ps.client import PsClient, Stats
+from cnntrain.parallel.ps.cluster import WORKER, Cluster, ShardPlan, role_name
 
 log = logging.getLogger("cnntrain")
 

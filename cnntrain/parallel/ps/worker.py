@@ -22,16 +22,16 @@ from cnntrain.config import TrainConfig
 from cnntrain.data.datasets import load_data
 from cnntrain.data.loaders import build_loaders
 from cnntrain.data.pipeline import BatchPlan
-from cnntrain.dist.env import usable_cores
-from cnntrain.dist.ps.chief import Chief
-from cnntrain.dist.ps.client import PsClient, run_finished
-from cnntrain.dist.ps.cluster import CHIEF, WORKER, Cluster, ShardPlan, role_name, shard_indices
-from cnntrain.dist.ps.transport import GaveUp
-from cnntrain.dist.strategy import pick_device
 from cnntrain.engine.evaluate import main_logits
 from cnntrain.engine.precision import LossScaler, autocast
 from cnntrain.engine.trainer import Result, _loss_fn, build_model
 from cnntrain.errors import ConfigError, NumericalError
+from cnntrain.parallel.env import usable_cores
+from cnntrain.parallel.ps.chief import Chief
+from cnntrain.parallel.ps.client import PsClient, run_finished
+from cnntrain.parallel.ps.cluster import CHIEF, WORKER, Cluster, ShardPlan, role_name, shard_indices
+from cnntrain.parallel.ps.transport import GaveUp
+from cnntrain.parallel.strategy import pick_device
 
 log = logging.getLogger("cnntrain")
 

@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig
-from cnntrain.dist.ps import protocol as P
-from cnntrain.dist.ps.cluster import Cluster, ShardPlan, flatten
-from cnntrain.dist.ps.transport import LinkError
 from cnntrain.engine.larc import apply_larc
 from cnntrain.engine.optim import build_optimizer, lr_at, set_lr
 from cnntrain.models.registry import create_model_for
+from cnntrain.parallel.ps import protocol as P
+from cnntrain.parallel.ps.cluster import Cluster, ShardPlan, flatten
+from cnntrain.parallel.ps.transport import LinkError
 
 
 class _Shard(nn.Module):

@@ -41,12 +41,12 @@ def run_async_ps(cfg: TrainConfig) -> Result | None:
     """Run this process's ``--role``, or without one every role on this machine.
 
     Returns the run's Result for the chief and the local launcher, None for the other roles."""
-    from cnntrain.dist.ps.cluster import cluster_from_config
+    from cnntrain.parallel.ps.cluster import cluster_from_config
 
     if not cfg.role:
-        from cnntrain.dist.launch import is_launcher_child
-        from cnntrain.dist.ps.launch import launch_local, read_result
         from cnntrain.engine.progress import setup_logging
+        from cnntrain.parallel.launch import is_launcher_child
+        from cnntrain.parallel.ps.launch import launch_local, read_result
 
         if is_launcher_child():
             raise ConfigError("--strategy async-ps starts its own processes: do not run it under torchrun/mpirun "
@@ -54,17 +54,17 @@ def run_async_ps(cfg: TrainConfig) -> Result | None:
         return read_result(launch_local(cfg, setup_logging))
     cluster = cluster_from_config(cfg)
     if cfg.role == "ps":
-        from cnntrain.dist.ps.server import run_ps
+        from cnntrain.parallel.ps.server import run_ps
 
         _label_logs(f"ps {cfg.ps_index}")
         run_ps(cfg, cluster)
         return None
     if cfg.role in ("chief", "worker"):
-        from cnntrain.dist.ps.worker import run_trainer
+        from cnntrain.parallel.ps.worker import run_trainer
 
         _label_logs("chief" if cfg.role == "chief" else f"worker {cfg.worker_index}")
         return run_trainer(cfg, cluster)
-    from cnntrain.dist.ps.evaluator import run_evaluator
+    from cnntrain.parallel.ps.evaluator import run_evaluator
 
     _label_logs("evaluator")
     run_evaluator(cfg, cluster)

@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig
-from cnntrain.dist.ps import protocol as P
-from cnntrain.dist.ps.cluster import (
+from cnntrain.errors import DistributedError
+from cnntrain.parallel.ps import protocol as P
+from cnntrain.parallel.ps.cluster import (
     EVALUATOR,
     PS,
     Cluster,
@@ -32,8 +33,7 @@ from cnntrain.dist.ps.cluster import (
     role_name,
     unflatten_into,
 )
-from cnntrain.dist.ps.transport import GaveUp, Link, LinkError, Message
-from cnntrain.errors import DistributedError
+from cnntrain.parallel.ps.transport import GaveUp, Link, LinkError, Message
 
 log = logging.getLogger("cnntrain")
 JOB_STARTED_ENV = "CNNTRAIN_ASYNC_PS_STARTED"  # set by the local launcher for its children

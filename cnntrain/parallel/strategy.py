@@ -23,10 +23,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig
-from cnntrain.dist.env import LaunchEnv, detect_launch, usable_cores
-from cnntrain.dist.hooks import all_reduce_mean, broadcast_state, bucket_mb_for, register_compression
-from cnntrain.dist.partial import PartialAverager
 from cnntrain.errors import CnnTrainError, ConfigError, DistributedError
+from cnntrain.parallel.env import LaunchEnv, detect_launch, usable_cores
+from cnntrain.parallel.hooks import all_reduce_mean, broadcast_state, bucket_mb_for, register_compression
+from cnntrain.parallel.partial import PartialAverager
 
 log = logging.getLogger("cnntrain")
 
