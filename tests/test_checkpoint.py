@@ -1,5 +1,6 @@
 import errno
 import logging
+import os
 
 import pytest
 import torch
@@ -81,3 +82,86 @@ def test_resume_auto_with_no_checkpoint_starts_fresh(tmp_path):
     assert ckpt.resolve_resume("auto", tmp_path) is None
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
+
+
+def _pair_of(folder, run_id):
+    return [s for s, p in ckpt.list_checkpoints(folder) if ckpt.run_id_of(p) == run_id]
+
+
+def test_pruning_counts_only_valid_checkpoints_of_this_run(tmp_path):
+    old = ckpt.new_run_id()
+    for step in (50, 60):  # an earlier run's, at higher steps
+        ckpt.save_checkpoint(_state(step), tmp_path, step, keep_last=5, run_id=old)
+    (tmp_path / "step-00000099.pt").write_bytes(b"leftover without a manifest")
+    run = ckpt.new_run_id()
+    for step in (1, 2, 3):
+        path = ckpt.save_checkpoint(_state(step), tmp_path, step, keep_last=1, run_id=run)
+        assert path.is_file() and ckpt.latest_valid(tmp_path, quiet=True) is not None
+    assert _pair_of(tmp_path, run) == [3], "the newest valid one of this run stays"
+    assert _pair_of(tmp_path, old) == [50, 60], "another run's checkpoints are not touched"
+    assert (tmp_path / "step-00000099.pt").is_file(), "nor a leftover"
+    ckpt.verify_checkpoint(tmp_path / "step-00000003.pt")
+
+
+def test_keep_last_1_with_a_manifestless_leftover_above_keeps_a_valid_checkpoint(tmp_path):
+    run = ckpt.new_run_id()
+    (tmp_path / "step-00000100.pt").write_bytes(b"half written")
+    for step in (1, 2):
+        ckpt.save_checkpoint(_state(step), tmp_path, step, keep_last=1, run_id=run)
+    assert ckpt.latest_valid(tmp_path, quiet=True) == tmp_path / "step-00000002.pt"
+    assert ckpt.run_id_of(tmp_path / "step-00000002.pt") == run
+
+
+def test_damaged_checkpoints_of_this_run_do_not_count_as_kept(tmp_path):
+    run = ckpt.new_run_id()
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(_state(step), tmp_path, step, keep_last=5, run_id=run)
+    (tmp_path / "step-00000002.pt").write_bytes(b"bit rot")
+    ckpt.prune(tmp_path, 2, run)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 3]  # 3 and the next valid one, 1
+
+
+def test_prune_protects_what_the_evaluator_has_not_scored(tmp_path):
+    run = ckpt.new_run_id()
+    for step in range(1, 7):
+        ckpt.save_checkpoint(_state(step), tmp_path, step, keep_last=0, run_id=run)
+    scored = 2
+    deleted = ckpt.prune(tmp_path, 2, run, protect=lambda step: scored is not None and step > scored)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4, 5, 6]
+    assert [p.name for p in deleted] == ["step-00000002.pt", "step-00000001.pt"]
+
+
+def test_a_run_resumed_from_an_older_checkpoint_keeps_what_it_just_wrote(tmp_path):
+    run = ckpt.new_run_id()
+    for step in (10, 20):
+        ckpt.save_checkpoint(_state(step), tmp_path, step, keep_last=1, run_id=run)
+    # resumed from step 10 (say), it writes step 15: neither 15 nor the later 20 is deleted
+    ckpt.save_checkpoint(_state(15), tmp_path, 15, keep_last=1, run_id=run)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [15, 20]
+
+
+def test_temp_files_of_other_runs_are_never_removed(tmp_path):
+    mine, other = ckpt.new_run_id(), ckpt.new_run_id()
+    theirs = tmp_path / f".step-00000009.pt.tmp-{os.getpid() + 1}-{other}-0123abcd"
+    dead_mine = tmp_path / f".step-00000008.pt.tmp-{os.getpid() + 1}-{mine}-0123abcd"
+    for leftover in (theirs, dead_mine):
+        leftover.write_bytes(b"partial")
+    ckpt.save_checkpoint(_state(1), tmp_path, 1, keep_last=2, run_id=mine)
+    assert theirs.is_file(), "another run may be writing it right now"
+    assert not dead_mine.exists(), "an earlier process of this run left it"
+
+
+def test_resume_auto_with_only_damaged_checkpoints_names_each_and_why(tmp_path):
+    folder = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(_state(1), folder, 1)
+    ckpt.save_checkpoint(_state(2), folder, 2)
+    (folder / "step-00000001.pt").write_bytes(b"bit rot")
+    ckpt.manifest_path(folder / "step-00000002.pt").unlink()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.resolve_resume("auto", tmp_path)
+    message = str(err.value)
+    assert "--resume auto" in message and str(folder) in message
+    assert "step-00000002.pt has no manifest" in message and "step-00000001.pt is 7 bytes" in message
+    assert "--overwrite" in message
+    with pytest.raises(CheckpointError, match="step-00000002.pt has no manifest"):
+        ckpt.resolve_resume(str(tmp_path), tmp_path)
