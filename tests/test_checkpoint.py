@@ -1,12 +1,16 @@
 import errno
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from cnntrain.engine import checkpoint as ckpt
-from cnntrain.errors import CheckpointError
+from cnntrain.engine.run import claim_run_dir
+from cnntrain.errors import CheckpointError, ConfigError
+from tests.helpers import REPO
 
 
 def _state(v):
@@ -165,3 +169,58 @@ def test_resume_auto_with_only_damaged_checkpoints_names_each_and_why(tmp_path):
     assert "--overwrite" in message
     with pytest.raises(CheckpointError, match="step-00000002.pt has no manifest"):
         ckpt.resolve_resume(str(tmp_path), tmp_path)
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints_unless_overwrite(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt.save_checkpoint(_state(8), run_dir / "checkpoints", 8, best=True, run_id=ckpt.new_run_id())
+    (run_dir / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        claim_run_dir(run_dir, resuming=False, overwrite=False)
+    message = str(err.value)
+    assert str(run_dir) in message and "--resume auto" in message and "--overwrite" in message
+    assert "step-00000008.pt" in message
+    assert ckpt.list_checkpoints(run_dir / "checkpoints"), "nothing deleted"
+    with claim_run_dir(run_dir, resuming=True, overwrite=False):
+        assert ckpt.list_checkpoints(run_dir / "checkpoints")
+    with claim_run_dir(run_dir, resuming=False, overwrite=True) as lock:
+        assert lock.held
+        assert not list((run_dir / "checkpoints").iterdir()) and not (run_dir / "summary.json").exists()
+    assert not lock.held
+    with claim_run_dir(tmp_path / "new", resuming=False, overwrite=False):
+        assert (tmp_path / "new").is_dir()
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from cnntrain.engine.run import claim_run_dir
+lock = claim_run_dir(Path(sys.argv[1]), resuming=False, overwrite=False)
+print("claimed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_run_in_the_same_folder_fails_at_once_naming_the_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(ConfigError, match=rf"{run_dir} is in use by another run \(pid {holder.pid} on "):
+            claim_run_dir(run_dir, resuming=True, overwrite=False)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    # Killed without releasing: the lock died with it; the file it left does not block.
+    assert (run_dir / ".lock").is_file()
+    claim_run_dir(run_dir, resuming=True, overwrite=False).release()
+
+
+def test_the_claim_is_released_on_an_exception_and_blocks_a_second_claim_meanwhile(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"), claim_run_dir(tmp_path, resuming=False, overwrite=False):
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()} on"):
+            claim_run_dir(tmp_path, resuming=False, overwrite=False)
+        raise RuntimeError("boom")
+    lock = claim_run_dir(tmp_path, resuming=False, overwrite=False)
+    lock.release()
+    lock.release()  # idempotent

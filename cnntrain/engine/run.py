@@ -71,3 +71,89 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RunLock:
+    """The exclusive claim of a run folder: ``fcntl.flock`` on ``<run_dir>/.lock``, which holds the
+    claiming process's pid and host. ``release()`` (or leaving a ``with`` block) ends it; the
+    operating system ends it when the process dies, so a lock file left by a killed run never
+    blocks the next one. The file itself stays (unlinking it would let two runs lock two files)."""
+
+    def __init__(self, run_dir: Path, fd: int) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / ".lock"
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the folder up (idempotent)."""
+        import fcntl
+        import os
+
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> RunLock:
+    """Take ``run_dir`` for this run, before anything is written into it; returns the held lock.
+
+    A second run in the same folder fails at once (ConfigError naming the holder's pid). A fresh run
+    (``resuming`` False) refuses a folder that already holds checkpoints, unless ``overwrite``: then
+    the old checkpoints, ``best.pt`` and ``summary.json`` are deleted first. With several ranks only
+    rank 0 claims (the folder is rank 0's to write); the others never call this.
+    """
+    import fcntl
+    import os
+    import socket
+
+    from cnntrain.engine import checkpoint as ckpt
+    from cnntrain.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"run folder {run_dir} is in use by another run (pid {holder}, in {path}): wait for it "
+                          "to end, or pass another --run-dir") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    lock = RunLock(run_dir, fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        folder = run_dir / "checkpoints"
+        steps = ckpt.list_checkpoints(folder)
+        best = (folder / "best.pt").is_file()
+        if (steps or best) and not resuming:
+            if not overwrite:
+                held = f"{len(steps)} step checkpoint(s), the newest {steps[-1][1].name}" if steps else "best.pt"
+                raise ConfigError(f"run folder {run_dir} already holds checkpoints of an earlier run ({held}): "
+                                  "continue that run with --resume auto, or start over with --overwrite "
+                                  "(deletes them)")
+            ckpt.remove_checkpoints(folder)
+            (run_dir / "summary.json").unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
