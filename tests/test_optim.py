@@ -60,8 +60,8 @@ def test_nesterov_option():
 
 
 def _larc_case(mode):
-    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
-    w.grad = torch.tensor([0.6, 0.8])  # ||g|| = 1
+    w = torch.nn.Parameter(torch.tensor([[3.0], [4.0]]))  # ||w|| = 5 (2-d: LARC skips 1-d parameters)
+    w.grad = torch.tensor([[0.6], [0.8]])  # ||g|| = 1
     opt = torch.optim.SGD([{"params": [w], "weight_decay": 0.0, "larc_exclude": False}], lr=0.1)
     return w, opt
 
@@ -74,19 +74,70 @@ def _larc_case(mode):
 def test_larc_follows_nvcnn_formulas(mode, lr, expected_factor):
     w, opt = _larc_case(mode)
     apply_larc(opt, lr, mode, eta=0.003, eps=0.0)
-    assert torch.allclose(w.grad, torch.tensor([0.6, 0.8]) * expected_factor)
+    assert torch.allclose(w.grad, torch.tensor([[0.6], [0.8]]) * expected_factor)
 
 
 def test_larc_folds_weight_decay_and_skips_excluded_groups():
-    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
     b = torch.nn.Parameter(torch.tensor([1.0]))
-    w.grad, b.grad = torch.zeros(2), torch.tensor([0.5])
+    w.grad, b.grad = torch.zeros(1, 2), torch.tensor([0.5])
     opt = torch.optim.SGD([{"params": [w], "larc_weight_decay": 0.1, "larc_exclude": False},
                            {"params": [b], "larc_weight_decay": 0.0, "larc_exclude": True}], lr=1.0)
     apply_larc(opt, 1.0, "scale", eta=0.003, eps=0.0)
-    g = 0.1 * torch.tensor([3.0, 4.0])  # gradient is pure weight decay, ||g|| = 0.5
+    g = 0.1 * torch.tensor([[3.0, 4.0]])  # gradient is pure weight decay, ||g|| = 0.5
     assert torch.allclose(w.grad, g * (0.003 * 5 / 0.5))
     assert torch.equal(b.grad, torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("mode", ["clip", "scale"])
+def test_larc_leaves_a_zero_weight_its_gradient_so_it_moves(mode):
+    """nvcnn: factor 1 where ||w|| or ||g|| is 0; factor 0 would keep a zero-initialised weight at 0."""
+    w = torch.nn.Parameter(torch.zeros(2, 3))
+    w.grad = torch.ones(2, 3)
+    opt = torch.optim.SGD([{"params": [w], "larc_weight_decay": 1e-4, "larc_exclude": False}], lr=0.1)
+    apply_larc(opt, 0.1, mode, eta=0.003, eps=1e-8)
+    assert torch.equal(w.grad, torch.ones(2, 3))
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((2, 3), -0.1))
+    w.grad = torch.zeros(2, 3)  # and a zero gradient (pure zero decay of a zero weight) stays finite
+    apply_larc(opt, 0.1, mode, eta=0.003, eps=0.0)
+    assert torch.isfinite(w.grad).all()
+
+
+def _bn_net():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.LazyLinear(2))
+
+
+@pytest.mark.parametrize("decay_bn_bias", [True, False])
+def test_larc_leaves_biases_and_bn_alone_unless_asked(decay_bn_bias):
+    def factors(larc_bn_bias=None):
+        net = _bn_net()
+        net(torch.randn(2, 3, 8, 8))
+        if larc_bn_bias is None:  # as the trainer builds it
+            cfg = build_config(None, lr=0.1, larc_mode="scale", weight_decay=0.0, decay_bn_bias=decay_bn_bias)
+            opt = build_optimizer(net, cfg, "cpu")
+        else:
+            opt = torch.optim.SGD(param_groups(net, 0.0, decay_bn_bias, larc_bn_bias=larc_bn_bias), lr=0.1)
+        for p in net.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        apply_larc(opt, 0.1, "scale", eta=0.5, eps=0.0)
+        return {name: float(p.grad.flatten()[0] / 0.1) for name, p in net.named_parameters()}
+
+    for default in (factors(), factors(larc_bn_bias=False)):
+        assert default["0.bias"] == default["1.weight"] == default["1.bias"] == default["3.bias"] == 1.0
+        assert default["0.weight"] != 1.0 and default["3.weight"] != 1.0
+    asked = factors(larc_bn_bias=True)
+    assert asked["1.weight"] != 1.0 and asked["0.bias"] != 1.0 and asked["0.weight"] != 1.0
+
+
+def test_larc_bn_bias_option_marks_every_group():
+    net = _bn_net()
+    net(torch.randn(2, 3, 8, 8))
+    plain = param_groups(net, 1e-4, decay_bn_bias=False)
+    assert [(g["larc_exclude"], g["larc_1d"]) for g in plain] == [(False, False), (True, False)]
+    asked = param_groups(net, 1e-4, decay_bn_bias=False, norm_lr_scale=4, larc_bn_bias=True)
+    assert [(g["larc_exclude"], g["larc_1d"]) for g in asked] == [(False, True)] * 3
 
 
 def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_interval():

@@ -2,7 +2,10 @@
 
 For each weight tensor: ``local = eta * ||w|| / (||g|| + eps)``, where ``g`` already includes the
 weight decay term. Mode ``clip``: ``g *= min(local / lr, 1)``; mode ``scale``: ``g *= local``.
-Groups flagged ``larc_exclude`` (biases, BatchNorm) are left alone.
+Where ``||w||`` or ``||g||`` is 0 the factor is 1, as in nvcnn: a weight that starts at zero (a
+zero-initialised last BN scale or classifier) would otherwise get factor 0 and never move.
+Groups flagged ``larc_exclude`` are left alone, and so are 1-d parameters (biases, normalisation
+scales) unless their group sets ``larc_1d`` (``--larc-bn-bias``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,15 @@ def apply_larc(optimizer: torch.optim.Optimizer, lr: float, mode: str, eta: floa
             torch._foreach_add_([p.grad for p in params], [p.detach() for p in params], alpha=wd)
         if group.get("larc_exclude"):
             continue
+        with_1d = group.get("larc_1d", False)
         for p in params:
+            if p.ndim <= 1 and not with_1d:
+                continue
             g = p.grad
             w_norm = torch.linalg.vector_norm(p.detach().float())
             g_norm = torch.linalg.vector_norm(g.float())
             local = eta * w_norm / (g_norm + eps)
             factor = torch.clamp(local / lr, max=1.0) if mode == "clip" else local
+            # No host sync: the zero-norm case is chosen on the device.
+            factor = torch.where((w_norm > 0) & (g_norm > 0), factor, torch.ones_like(factor))
             g.mul_(factor.to(g.dtype))

@@ -12,11 +12,14 @@ from cnntrain.config import TrainConfig
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, norm_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, norm_lr_scale: float = 1.0,
+                 larc_bn_bias: bool = False) -> list[dict]:
     """Weights that decay, and (unless ``decay_bn_bias``) 1-d parameters that do not.
 
     1-d parameters are biases and normalisation scales; decaying them hurts more than it helps on
-    large-batch recipes, and LARC skips them too (``larc_exclude`` marks the group). With
+    large-batch recipes, and LARC skips them too, in whichever group they are (``larc_exclude`` marks
+    a group of them; ``apply_larc`` skips 1-d parameters of the others), unless ``larc_bn_bias``
+    (``larc_1d`` on every group): their norms are tiny and noisy, so LARC's ratio is too. With
     ``norm_lr_scale`` != 1 the normalisation layers' parameters get a group of their own whose LR is
     that multiple of the schedule's (``lr_scale``, applied by ``set_lr``): fast CIFAR recipes train
     BatchNorm shifts tens of times faster than the weights.
@@ -36,22 +39,26 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, nor
             norm.append(p)
         else:
             (no_decay if p.ndim <= 1 else decay).append(p)
+    # With decay_bn_bias the 1-d parameters share the weights' group and apply_larc skips them one by
+    # one: a group of their own would change the layout, and older optimizer state would not load.
+    larc = {"larc_1d": larc_bn_bias}
     if decay_bn_bias:
-        groups = [{"params": decay + no_decay, "weight_decay": weight_decay, "larc_exclude": False}]
+        groups = [{"params": decay + no_decay, "weight_decay": weight_decay, "larc_exclude": False, **larc}]
     else:
-        groups = [{"params": decay, "weight_decay": weight_decay, "larc_exclude": False}]
+        groups = [{"params": decay, "weight_decay": weight_decay, "larc_exclude": False, **larc}]
         if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "larc_exclude": True})
+            groups.append({"params": no_decay, "weight_decay": 0.0, "larc_exclude": not larc_bn_bias, **larc})
     if norm:
         # Decay per step is lr * weight_decay: divided by the scale, a faster LR does not decay faster.
         groups.append({"params": norm, "weight_decay": weight_decay / norm_lr_scale if decay_bn_bias else 0.0,
-                       "larc_exclude": True, "lr_scale": norm_lr_scale})
+                       "larc_exclude": not larc_bn_bias, "lr_scale": norm_lr_scale, **larc})
     return [g for g in groups if g["params"]] + timed
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     """SGD (optionally Nesterov), Adam or AdamW over ``param_groups``; multi-tensor kernels."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.norm_lr_scale)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.norm_lr_scale,
+                          getattr(cfg, "larc_bn_bias", False))
     if cfg.larc_mode != "none":
         # LARC needs the decayed gradient (g + wd * w), as nvcnn adds the L2 term to the loss; it
         # folds the decay in itself, so the optimizer must not apply it again.
