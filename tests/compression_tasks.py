@@ -3,6 +3,7 @@
 MASTER_PORT set:
 
     python -m tests.compression_tasks hooks OUT_JSON      # exactness, error feedback, partial sync
+    python -m tests.compression_tasks nan OUT_JSON        # a non-finite top-k step, then finite ones
     python -m tests.compression_tasks accuracy OUT_JSON DATA_DIR PORTS  # each mode against plain DDP
 
 Rank 0 writes what it measured to OUT_JSON; the test asserts on it.
@@ -142,6 +143,46 @@ def hooks_report() -> dict:
     }
 
 
+def nan_report() -> dict:
+    """Top-k on 2 ranks with rank 1's batch at step 2 made NaN: every rank sees the exchanged
+    gradient is not finite and skips the step (as the trainer does); the remainder is then the one
+    from before that step, and every later step is finite with the ranks still equal."""
+    rank = dist.get_rank()
+    cfg = build_config(dataset="synthetic", model="lenet", threads=1, bucket_mb=0.05, grad_compression="topk",
+                       compression_ratio=0.05)
+    strategy = DataParallel(cfg, detect_launch())
+    strategy.backend = "gloo"
+    torch.manual_seed(100 + rank)
+    model = create_model_for("lenet", 10, (1, 28, 28))
+    wrapped = strategy.wrap_model(model)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.05)
+    state = strategy._sparse
+    finite, before, restored = [], None, None
+    for step, (x, y) in enumerate(batches(rank, STEPS)):
+        if step == 2 and rank == 1:
+            x = x.clone()
+            x[0] = float("nan")
+        F.cross_entropy(wrapped(x), y).backward()
+        ok = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        finite.append(ok)
+        if step == 1:
+            before = state.remainder_of(params).clone()
+        if step == 2:
+            same = torch.tensor([int(torch.equal(state.remainder_of(params), before))])
+            restored = all(bool(t) for t in gather_list(same))  # on every rank
+        if ok:
+            opt.step()
+        opt.zero_grad()
+    report = {"finite": finite, "restored": restored,
+              "remainder_finite": bool(torch.isfinite(state.remainder_of(params)).all()),
+              "weights_finite": bool(torch.isfinite(flat(params)).all()), "ranks_equal": ranks_equal(flat(params))}
+    strategy._ddp = strategy._sparse = None  # see run_ddp
+    del wrapped
+    gc.collect()
+    return report
+
+
 class CheckedDataParallel(DataParallel):
     """DataParallel that, before tearing down, checks every rank's final weights against the
     newest checkpoint (written by rank 0)."""
@@ -203,7 +244,7 @@ def main(task: str, out_path: str, data_dir: str = "", ports: str = "") -> None:
             with open(out_path, "w") as f:
                 json.dump(report, f)
         return
-    report_from_every_rank(out_path, hooks_report)
+    report_from_every_rank(out_path, nan_report if task == "nan" else hooks_report)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from cnntrain.cli import main
 from cnntrain.config import build_config
 from cnntrain.errors import ConfigError
 from cnntrain.parallel.env import LaunchEnv
-from cnntrain.parallel.hooks import SparseState
+from cnntrain.parallel.hooks import SparseState, sparse_hook
 from cnntrain.parallel.partial import PartialAverager
 from cnntrain.parallel.strategy import DataParallel
 from tests.fixtures import cifar_python_files, faint_cifar_arrays, write_files
@@ -66,6 +66,54 @@ def test_topk_takes_the_largest_magnitudes_and_threshold_those_not_below_it():
     bad = torch.tensor([0.1, float("nan"), 0.2, float("inf")])
     assert sorted(SparseState("threshold", threshold=0.5).select(bad).tolist()) == [1, 3]
     assert sorted(SparseState("topk", ratio=0.5).select(bad).tolist()) == [1, 3]
+
+
+class FakeBucket:
+    """What ``sparse_hook`` reads of a ``dist.GradBucket``: one flat buffer holding every gradient."""
+
+    def __init__(self, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+        self.params, self.flat = params, flat
+
+    def buffer(self) -> torch.Tensor:
+        return self.flat
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.params
+
+    def gradients(self) -> list[torch.Tensor]:
+        sizes = [p.numel() for p in self.params]
+        return list(self.flat.split(sizes))
+
+    def is_last(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_a_non_finite_step_leaves_the_remainder_as_it_was(one_rank_group, mode):
+    """Top-k sends 2 of 3 NaNs (threshold sends all, but keeps the step's finite rest): the step is
+    skipped, and the remainder is the one from before it, so the next steps are finite."""
+    params = [torch.zeros(4), torch.zeros(6)]
+    state = SparseState(mode, ratio=0.2, threshold=2.5)
+
+    def exchange(grad: list[float]) -> torch.Tensor:
+        return sparse_hook(state, FakeBucket(params, torch.tensor(grad))).wait().clone()
+
+    first = exchange([1.0, -2.0, 3.0, 0.5, 0.1, -4.0, 0.2, 0.3, 2.0, -1.0])
+    assert torch.isfinite(first).all()
+    kept = state.remainder_of(params).clone()
+    assert kept.abs().sum() > 0
+    nan = float("nan")
+    bad = exchange([nan, 1.0, nan, 0.5, nan, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert not torch.isfinite(bad).all()  # the trainer skips this step
+    assert torch.equal(state.remainder_of(params), kept)  # as a checkpoint now would store it
+    for _ in range(3):
+        later = exchange([0.5, 0.1, -0.2, 0.3, 0.1, 0.2, -0.3, 0.1, 0.2, 0.1])
+        assert torch.isfinite(later).all() and torch.isfinite(state.remainder_of(params)).all()
+    after = SparseState(mode, ratio=0.2, threshold=2.5)  # the same steps without the bad one
+    sparse_hook(after, FakeBucket(params, torch.tensor([1.0, -2.0, 3.0, 0.5, 0.1, -4.0, 0.2, 0.3, 2.0, -1.0])))
+    for _ in range(3):
+        sparse_hook(after, FakeBucket(params, torch.tensor([0.5, 0.1, -0.2, 0.3, 0.1, 0.2, -0.3, 0.1, 0.2, 0.1])))
+    assert torch.equal(state.remainder_of(params), after.remainder_of(params))
 
 
 def test_partial_chunks_cover_every_entry_once_per_cycle(one_rank_group):
@@ -132,6 +180,16 @@ def test_two_ranks_topk_is_exact_lossless_and_partial_update_synchronises(tmp_pa
     assert partial["equal_after_wrap"]
     assert partial["chunk_equal"] == [True] * 4 and partial["others_differ"] == [True] * 4
     assert partial["equal_after_sync"]
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_two_ranks_topk_skips_a_nan_step_and_every_later_step_is_finite(tmp_path):
+    spawn("nan", tmp_path / "report.json", timeout=90)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["finite"] == [True, True, False, True, True, True], report
+    assert report["restored"] and report["remainder_finite"] and report["weights_finite"], report
+    assert report["ranks_equal"], report
 
 
 @pytest.mark.dist

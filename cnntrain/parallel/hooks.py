@@ -9,7 +9,8 @@ all-reduce, and the after-backward coalesced all-reduce of ``--no-overlap``.
 
 Top-k and threshold are SINGA's ``sparseTopK`` / ``sparseThreshold``: each rank sends values and
 indices of the selected entries (all_gather), keeps the rest and adds it to the next step's
-gradient (error feedback), so no gradient is lost, only delayed.
+gradient (error feedback), so no gradient is lost, only delayed. A step whose exchanged gradient is
+not finite (the trainer skips it) leaves the kept remainder as it was before that step.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class SparseState:
 
     The remainder is kept per parameter, not per bucket, because DDP rebuilds its buckets after
     the first step; keyed by parameter it survives that.
+
+    A step whose exchanged gradient is not finite anywhere is skipped by the trainer on every rank;
+    its remainder must not be kept, or the non-finite values in it would spoil every later step (and
+    the finite ones would carry a discarded gradient). So the remainders from before each step are
+    held until the next step begins (or ``remainder_of`` asks), and put back if the step was not
+    finite. The choice is made on the device, without a host sync.
     """
 
     def __init__(self, mode: str, ratio: float = 0.05, threshold: float = 0.0,
@@ -80,6 +87,9 @@ class SparseState:
         self.threshold = threshold  # threshold: entries with |g| >= this are sent
         self.process_group = process_group
         self.residuals: dict[torch.Tensor, torch.Tensor] = {}
+        self._before: dict[torch.Tensor, torch.Tensor] = {}  # residuals when the open step began
+        self._finite: list[torch.Tensor] = []  # per bucket of the open step: was its result all finite
+        self._open = False  # a step's buckets are being exchanged (set by the first, cleared by the last)
         self.sent_bytes = 0  # values + indices (+ counts) this rank put into all_gather
         self.dense_bytes = 0  # what a plain all-reduce of the same buckets would have carried
         self.steps = 0
@@ -87,15 +97,35 @@ class SparseState:
     def remainder_of(self, params: list[torch.Tensor]) -> torch.Tensor:
         """This rank's remainders as one flat tensor in the order of ``params`` (zeros for any not
         yet kept): what a checkpoint stores so that a resumed run sends exactly what it would have."""
+        self.settle()
         parts = [self.residuals.get(p, torch.zeros(p.numel(), dtype=p.dtype, device=p.device)).reshape(-1)
                  for p in params]
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def load_remainder(self, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+        self._before, self._finite, self._open = {}, [], False
         offset = 0
         for p in params:
             self.residuals[p] = flat[offset:offset + p.numel()].to(p.device, p.dtype).clone()
             offset += p.numel()
+
+    def begin_step(self) -> None:
+        """Settle the last step and remember the remainders as they are (first bucket of a step)."""
+        self.settle()
+        self._before = dict(self.residuals)
+        self._open = True
+
+    def settle(self) -> None:
+        """Decide the last completed step: keep its new remainders if every bucket's exchanged result
+        was finite, else put back the ones from before it. (A no-op once decided.)"""
+        if self._open or not self._finite:
+            return
+        ok = torch.stack(self._finite).all()
+        for p, new in self.residuals.items():
+            old = self._before.get(p)
+            if old is not new:
+                self.residuals[p] = torch.where(ok, new, old if old is not None else torch.zeros_like(new))
+        self._before, self._finite = {}, []
 
     def select(self, flat: torch.Tensor) -> torch.Tensor:
         """Indices (int64) of the entries of ``flat`` to send."""
@@ -122,6 +152,8 @@ def sparse_hook(state: SparseState, bucket):
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
+    if not state._open:
+        state.begin_step()
     flat = bucket.buffer()
     base = flat.storage_offset()
     layout = [(p, g.storage_offset() - base, g.numel()) for p, g in zip(bucket.parameters(), bucket.gradients())]
@@ -153,6 +185,7 @@ def sparse_hook(state: SparseState, bucket):
     state.dense_bytes += flat.numel() * flat.element_size()
     if bucket.is_last():
         state.steps += 1
+        state._open = False
 
     all_values = [torch.empty_like(values) for _ in range(world)]
     all_index = [torch.empty_like(index) for _ in range(world)]
@@ -163,6 +196,7 @@ def sparse_hook(state: SparseState, bucket):
         flat.zero_()
         for v, i, n in zip(all_values, all_index, sizes):
             flat.index_put_((i[:n].long(),), v[:n], accumulate=True)
+        state._finite.append(torch.isfinite(flat).all())  # the same on every rank: all saw the same values
         return flat
 
     return torch.futures.collect_all(futures).then(scatter)
