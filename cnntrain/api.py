@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +16,39 @@ import torch
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig, build_config, config_from_dict
+from cnntrain.data.datasets import load_data
+from cnntrain.data.loaders import build_eval_loader
 from cnntrain.engine import checkpoint as ckpt
+from cnntrain.engine.callbacks import Callback
 from cnntrain.engine.evaluate import EvalResult
-from cnntrain.engine.run import read_safetensors
-from cnntrain.engine.trainer import Result
-from cnntrain.errors import CheckpointError
+from cnntrain.engine.evaluate import evaluate as score
+from cnntrain.engine.run import Result, read_safetensors
+from cnntrain.engine.trainer import train as train_with
+from cnntrain.errors import CheckpointError, ConfigError
+from cnntrain.models import get_spec
 from cnntrain.models.registry import create_model_for
+from cnntrain.parallel.env import detect_launch
+from cnntrain.parallel.ps.roles import run_async_ps
+from cnntrain.parallel.strategy import make_strategy, resume_for_restart
 
 
-def train(config: TrainConfig | dict | None = None, **kwargs: Any) -> Result:
-    """Train with a ``TrainConfig``, a dict of options, or keyword options (``recipe=`` a recipe name)."""
-    from cnntrain.engine.trainer import train as run
+def train(config: TrainConfig | dict | None = None, *, callbacks: Iterable[Callback] = (), **kwargs: Any) -> Result:
+    """Train with a ``TrainConfig``, a dict of options, or keyword options (``recipe=`` a recipe name).
 
+    ``callbacks``: ``cnntrain.Callback`` objects called at the loop's moments (see engine/callbacks.py).
+    Under torchrun / mpirun / srun every process calls this; the launcher's variables say who is who."""
     if isinstance(config, TrainConfig):
-        cfg = build_config(**{**config.to_dict(), **kwargs})
+        cfg = config.replace(**kwargs) if kwargs else config
     else:
         options = {**(config or {}), **kwargs}
         cfg = build_config(options.pop("recipe", None) or options.pop("config", None), **options)
-    if cfg.strategy == "async-ps":  # its roles run their own loop
-        from cnntrain.parallel.ps import run_async_ps
-
+    if cfg.strategy == "async-ps":  # its roles run their own processes
+        if callbacks:
+            raise ConfigError("callbacks hang on the synchronous loop; --strategy async-ps takes none")
         return run_async_ps(cfg)
-    return run(cfg)
+    launch = detect_launch()
+    cfg = resume_for_restart(cfg, main=launch.rank == 0)
+    return train_with(cfg, make_strategy(cfg, launch), callbacks)
 
 
 def _weights_source(path: Path) -> Path:
@@ -103,23 +115,19 @@ def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
     """Score a run, checkpoint or ``model.safetensors`` on its data set's validation/test split.
 
     ``overrides`` change the stored config (e.g. ``data_dir=``, ``batch_size=``, ``device=``)."""
-    from cnntrain.data.datasets import load_data
-    from cnntrain.data.loaders import build_eval_loader
-    from cnntrain.engine.evaluate import evaluate as score
-    from cnntrain.parallel.strategy import make_strategy
-
     state, saved, meta = load_weights(path)
     cfg = build_config(**{**saved.to_dict(), "resume": "", **{k: v for k, v in overrides.items() if v is not None}})
     strategy = make_strategy(cfg)
     strategy.setup()
     try:
-        data = load_data(cfg)
+        data = load_data(cfg, input_size=get_spec(cfg.model).input_size)
         if data.val is None:
             raise CheckpointError(f"data set {cfg.dataset} in {cfg.data_dir} has no validation or test split")
         model = load(path, strategy.device)
         mean = meta.get("mean") or data.mean
         std = meta.get("std") or data.std
-        loader = build_eval_loader(cfg, data.val, strategy.device, mean, std, strategy.rank, strategy.world_size)
+        loader = build_eval_loader(cfg, data.val, strategy.device, mean, std, strategy.rank, strategy.world_size,
+                                   local_world_size=strategy.local_world_size)
         return score(model, loader.iterate(0), data.num_classes, precision=cfg.precision,
                      device=strategy.device, confusion=True, tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate,
                      all_reduce=strategy.all_reduce_sum if strategy.world_size > 1 else None)

@@ -12,21 +12,31 @@ error; the warm-up steps (allocator, cuDNN autotuning, page faults) are not time
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from cnntrain.engine.precision import autocast
+from cnntrain.config import build_config
+from cnntrain.data.folder import find_split
+from cnntrain.data.streaming import IMAGENET_STATS, StreamLoader, balance_threads, default_workers, folder_dataset
+from cnntrain.engine.optim import build_optimizer
+from cnntrain.engine.precision import LossScaler
+from cnntrain.engine.profile import NoProfiler
+from cnntrain.engine.step import LocalUpdate, StepParts, make_loss_fn, train_step
 from cnntrain.errors import ConfigError
+from cnntrain.hardware import peak_memory_mb, pick_device
+from cnntrain.models import create_model, get_spec
+from cnntrain.parallel.base import SingleProcess
+from cnntrain.parallel.env import LaunchEnv
 
-PHASES = ("data", "forward", "backward", "optimizer")
+PHASES = ("data", "forward", "backward", "optimizer")  # the engine's exchange phase counts as optimizer
 
 
 @dataclass
@@ -77,25 +87,8 @@ def _rate(counts: list[int], seconds: list[float]) -> tuple[float, float]:
     return rate, rate * t_err / t_mean
 
 
-def _device(name: str) -> torch.device:
-    if name in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if name == "cuda":
-        raise ConfigError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
-    return torch.device("cpu")
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def _stream_loader(data_dir: str, size: int, batch_size: int, device: torch.device, workers: int,
                    decode: str = "host"):
-    from cnntrain.data.folder import find_split
-    from cnntrain.data.streaming import IMAGENET_STATS, StreamLoader, balance_threads, default_workers, folder_dataset
-
     root = Path(data_dir)
     split = root / "train" if (root / "train").is_dir() else root / (find_split(root) or "")
     data = folder_dataset(split, size)
@@ -113,88 +106,102 @@ def _batches(loader):
         epoch += 1
 
 
+class _PhaseClock(NoProfiler):
+    """Milliseconds per phase of each step, the device synchronised at each phase boundary."""
+
+    def __init__(self, sync) -> None:
+        self.sync = sync
+        self.current: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            key = "optimizer" if name == "communication" else name  # one process: nothing is exchanged
+            self.current[key] = self.current.get(key, 0.0) + time.perf_counter() - started
+
+
 def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, warmup: int = 3,
           precision: str = "fp32", data_dir: str | None = None, data_only: bool = False, device: str = "auto",
           image_size: int = 0, workers: int = -1, threads: int = 0, channels_last: bool = True,
           num_classes: int = 1000, decode: str = "host") -> BenchResult:
     """Time ``steps`` training steps (after ``warmup`` untimed ones) of ``model`` on synthetic data
     (``data_dir=None``) or on the folder ``data_dir`` (streamed); ``data_only`` times the input
-    pipeline alone (decode + crop + flip + transfer; ``decode="device"``: JPEGs decoded on the device)."""
-    from cnntrain.models import create_model, get_spec
+    pipeline alone (decode + crop + flip + transfer; ``decode="device"``: JPEGs decoded on the device).
 
+    The step is the engine's ``train_step`` with the optimizer, loss scaling and skip rule that
+    ``cnntrain train`` builds from the same options (SGD, momentum 0.9, weight decay 5e-4)."""
     if steps < 2:
         raise ConfigError("--steps must be at least 2 to give a standard error")
+    if data_only and not data_dir:
+        raise ConfigError("--data-only needs --data-dir (a folder of images)")
+    cfg = build_config(dataset="synthetic", model=model, batch_size=batch_size, precision=precision, device=device,
+                       threads=threads, channels_last=channels_last)
     if threads:
         torch.set_num_threads(threads)
-    dev = _device(device)
+    dev = pick_device(cfg.device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     size = image_size or (get_spec(model).input_size[1] if not data_only else 224)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    used_workers = 0
-    loader = None
-    source_note = ", JPEGs decoded on the device" if decode == "device" else ""
-    if data_dir:
-        loader, used_workers = _stream_loader(data_dir, size, batch_size, dev, workers, decode)
-    elif data_only:
-        raise ConfigError("--data-only needs --data-dir (a folder of images)")
-
+    loader, used_workers = (_stream_loader(data_dir, size, batch_size, dev, workers, decode) if data_dir
+                            else (None, 0))
+    source = f"folder {data_dir}{', JPEGs decoded on the device' if decode == 'device' else ''}" if data_dir \
+        else "synthetic"
     if data_only:
-        counts, times = [], []
-        batches = _batches(loader)
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            images, _ = next(batches)
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                counts.append(images.shape[0])
-        rate, err = _rate(counts, times)
+        rate, err, times = _time_batches(_batches(loader), warmup, steps, sync)
         return BenchResult("-", batch_size, "-", str(dev), steps, rate, err, {"data": 1000 * sum(times) / steps},
-                           _peak_mb(dev), torch.get_num_threads(), used_workers, f"folder {data_dir}{source_note}")
-
+                           peak_memory_mb(dev), torch.get_num_threads(), used_workers, source)
     net = create_model(model, num_classes).to(dev).train()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-    loss_fn = nn.CrossEntropyLoss()
-    g = torch.Generator().manual_seed(0)
-    channels = get_spec(model).input_size[0]
-    fixed = (torch.randn(batch_size, channels, size, size, generator=g).to(dev, memory_format=memory_format),
-             torch.randint(0, num_classes, (batch_size,), generator=g).to(dev))
-    batches = _batches(loader) if loader is not None else None
+    net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    clock = _PhaseClock(sync)
+    optimizer = build_optimizer(net, cfg, dev.type)
+    parts = StepParts(net, [p for p in net.parameters() if p.requires_grad], make_loss_fn(),
+                      LossScaler.for_precision(precision), SingleProcess(cfg, LaunchEnv()),
+                      LocalUpdate(optimizer, net), precision, profiler=clock)
+    batches = _batches(loader) if loader is not None else itertools.repeat(
+        _fixed_batch(get_spec(model).input_size[0], size, batch_size, num_classes, dev, channels_last))
     phases: dict[str, list[float]] = {k: [] for k in PHASES}
     counts, totals = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        images, labels = next(batches) if batches is not None else fixed
-        sync()
-        t1 = time.perf_counter()
-        with autocast(precision, dev.type):
-            output = net(images)
-            logits = output if isinstance(output, torch.Tensor) else output[0]
-            loss = loss_fn(logits, labels)
-        sync()
-        t2 = time.perf_counter()
-        scaler.scale(loss).backward()
-        sync()
-        t3 = time.perf_counter()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        t4 = time.perf_counter()
+        clock.current = {}
+        started = time.perf_counter()
+        outcome = train_step(parts, batches, cfg.lr, i)
+        total = time.perf_counter() - started
         if i >= warmup:
-            for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                phases[name].append(dt)
-            counts.append(labels.shape[0])
-            totals.append(t4 - t0)
+            for name in PHASES:
+                phases[name].append(clock.current.get(name, 0.0))
+            counts.append(outcome.images)
+            totals.append(total)
     rate, err = _rate(counts, totals)
     phase_ms = {k: 1000 * sum(v) / len(v) for k, v in phases.items()}
-    return BenchResult(model, batch_size, precision, str(dev), steps, rate, err, phase_ms, _peak_mb(dev),
-                       torch.get_num_threads(), used_workers,
-                       f"folder {data_dir}{source_note}" if data_dir else "synthetic")
+    return BenchResult(model, batch_size, precision, str(dev), steps, rate, err, phase_ms, peak_memory_mb(dev),
+                       torch.get_num_threads(), used_workers, source)
+
+
+def _fixed_batch(channels: int, size: int, batch_size: int, num_classes: int, device: torch.device,
+                 channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, channels, size, size, generator=g)
+    return (images.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format),
+            torch.randint(0, num_classes, (batch_size,), generator=g).to(device))
+
+
+def _time_batches(batches, warmup: int, steps: int, sync) -> tuple[float, float, list[float]]:
+    counts, times = [], []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        images, _ = next(batches)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+            counts.append(images.shape[0])
+    rate, err = _rate(counts, times)
+    return rate, err, times
 
 
 def machine_line() -> str:

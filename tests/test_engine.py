@@ -54,20 +54,24 @@ class Crash(Exception):
     pass
 
 
-def train_until_crash(options: dict, monkeypatch, at_step: int) -> None:
-    """Train ``options`` and crash right after the checkpoint of step ``at_step`` is written."""
-    real_save = ckpt.save_checkpoint
+class CrashAfterCheckpoint(cnntrain.Callback):
+    """Crash the run right after the checkpoint of step ``at_step`` is in place (``unlink``: with
+    its manifest removed first, as a crash between the two writes leaves it)."""
 
-    def save_then_crash(state, folder, step, **kw):
-        path = real_save(state, folder, step, **kw)
-        if step == at_step:
+    def __init__(self, at_step: int, drop_manifest: bool = False) -> None:
+        self.at_step, self.drop_manifest = at_step, drop_manifest
+
+    def on_checkpoint(self, loop, path) -> None:
+        if loop.state.step == self.at_step:
+            if self.drop_manifest:
+                ckpt.manifest_path(path).unlink()
             raise Crash
-        return path
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+
+def train_until_crash(options: dict, at_step: int) -> None:
+    """Train ``options`` and crash right after the checkpoint of step ``at_step`` is written."""
     with pytest.raises(Crash):
-        cnntrain.train(options)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+        cnntrain.train(options, callbacks=[CrashAfterCheckpoint(at_step)])
 
 
 FAST_RECIPE_PARTS = dict(lookahead=2, alternate_flip=True, augment="translate-flip")
@@ -76,12 +80,12 @@ ACCUMULATED = dict(accum_steps=2, epochs=3)  # 4 steps per epoch: the crash at s
 
 @pytest.mark.parametrize("precision,extra", [("fp32", {}), ("bf16", {}), ("fp16", {}), ("fp32", FAST_RECIPE_PARTS),
                                              ("fp16", ACCUMULATED)])
-def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch, precision, extra):
+def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, precision, extra):
     options = dict(save_every=3, ema_decay=0.9, label_smoothing=0.1, display_every=5, precision=precision)
     options.update(extra)
     full = cnntrain.train(tiny(tmp_path / "full", **options))
     part = tiny(tmp_path / "part", **options)
-    train_until_crash(part, monkeypatch, 9)  # mid epoch 2 (8 steps per epoch), mid log window (every 5 steps)
+    train_until_crash(part, 9)  # mid epoch 2 (8 steps per epoch), mid log window (every 5 steps)
     resumed = cnntrain.train({**part, "resume": "auto"})
     wa, wb = weights(full.run_dir), weights(resumed.run_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -164,21 +168,12 @@ def test_tensorboard_gets_the_same_scalars_as_metrics_csv(tmp_path):
     assert logged[-1].value == pytest.approx(float(test_rows[-1]["top1_err"]), rel=1e-4)
 
 
-def test_crash_between_checkpoint_and_manifest_resumes_from_the_previous_one(tmp_path, monkeypatch):
+def test_crash_between_checkpoint_and_manifest_resumes_from_the_previous_one(tmp_path):
     options = dict(save_every=3)
     full = cnntrain.train(tiny(tmp_path / "full", **options))
-    real_write = ckpt._atomic_write
-
-    def die_before_manifest(path, write):
-        if path.name == "step-00000009.json":
-            raise Crash  # the .pt is in place, its manifest never written: an incomplete checkpoint
-        return real_write(path, write)
-
-    monkeypatch.setattr(ckpt, "_atomic_write", die_before_manifest)
     part = tiny(tmp_path / "part", **options)
-    with pytest.raises(Crash):
-        cnntrain.train(part)
-    monkeypatch.setattr(ckpt, "_atomic_write", real_write)
+    with pytest.raises(Crash):  # step-9.pt in place, its manifest never written: an incomplete checkpoint
+        cnntrain.train(part, callbacks=[CrashAfterCheckpoint(9, drop_manifest=True)])
     assert ckpt.latest_valid(tmp_path / "part" / "checkpoints").name == "step-00000008.pt"  # the epoch-end one
     resumed = cnntrain.train({**part, "resume": "auto"})
     wa, wb = weights(full.run_dir), weights(resumed.run_dir)
@@ -234,12 +229,12 @@ def test_accumulation_beyond_the_data_set_is_refused(tmp_path):
         cnntrain.train(tiny(tmp_path / "r", batch_size=32, accum_steps=16))
 
 
-def test_resume_keeps_the_global_batch_and_accumulation_makes_it_up(tmp_path, monkeypatch):
+def test_resume_keeps_the_global_batch_and_accumulation_makes_it_up(tmp_path):
     """Steps and the LR schedule count global batches: resuming with half the batch is refused
     (nothing touched), and with half the batch x 2 accumulated it ends where the uninterrupted run does."""
     options = tiny(tmp_path / "run", batch_size=32, augment="none", display_every=2)
     full = cnntrain.train({**options, "run_dir": str(tmp_path / "full")})
-    train_until_crash(options, monkeypatch, 8)  # the end of epoch 1
+    train_until_crash(options, 8)  # the end of epoch 1
     before = (tmp_path / "run" / "metrics.csv").read_text()
     with pytest.raises(ConfigError, match=r"global batch of 32 \(1 processes\), but this run's is 16 .* = 32"):
         cnntrain.train({**options, "batch_size": 16, "resume": "auto"})

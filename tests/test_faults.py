@@ -1,8 +1,9 @@
 """Exact resume after a real SIGKILL at several points of a run, one process and two DDP ranks.
 
-The kill comes from tests/faults/sitecustomize.py inside the training process itself, so it lands
-at a chosen point (the start of step N, half-way through writing a checkpoint, between a checkpoint
-and its manifest) rather than wherever a timer happens to fire. After ``--resume auto`` (one process)
+The kill comes from a callback (tests/faults/injection.py, given with ``--callbacks``) inside the
+training process itself, so it lands at a chosen point (the start of step N, half-way through
+writing a checkpoint, between a checkpoint and its manifest) rather than wherever a timer happens
+to fire. After ``--resume auto`` (one process)
 or the elastic agent's restart (DDP), the final weights, the optimizer state in the last checkpoint
 and every metrics.csv row (timings aside) must be bitwise those of a run never interrupted.
 """
@@ -30,6 +31,9 @@ SINGLE = dict(save_every=3, ema_decay=0.9, label_smoothing=0.1, display_every=5)
 _steps = random.Random(2026).sample(range(5, 16), 3)  # after the first checkpoint (step 3)
 KILLS = [("step", _steps[0], "fp32"), ("step", _steps[1], "bf16"), ("step", _steps[2], "fp16"),
          ("write", 9, "fp32"), ("manifest", 12, "bf16")]
+
+
+INJECT = ["--callbacks", "injection:FaultInjection"]
 
 
 def fault_env(kind: str, n: int, marker, rank: int | None = None) -> dict:
@@ -71,7 +75,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("kind,n,precision", KILLS, ids=[f"{k}{n}-{p}" for k, n, p in KILLS])
 def test_sigkill_then_resume_auto_is_bitwise_uninterrupted(uninterrupted, tmp_path, kind, n, precision):
     options = tiny(tmp_path / "run", precision=precision, **SINGLE)
-    cmd = [sys.executable, "-m", "cnntrain", "train", *cli_args(options)]
+    cmd = [sys.executable, "-m", "cnntrain", "train", *cli_args(options), *INJECT]
     marker = tmp_path / "killed"
     first = subprocess.run(cmd, cwd=REPO, env=fault_env(kind, n, marker), capture_output=True, text=True,
                            timeout=120)
@@ -125,7 +129,7 @@ def test_ddp_sigkill_then_elastic_restart_is_bitwise_uninterrupted(ddp_uninterru
     run = tmp_path / "run"
     marker = tmp_path / "killed"
     out = subprocess.run([sys.executable, "-m", "cnntrain", "train", "--nproc-per-node", "2", "--max-restarts", "1",
-                          *cli_args(tiny(run, **DDP, **extra))], cwd=REPO,
+                          *cli_args(tiny(run, **DDP, **extra)), *INJECT], cwd=REPO,
                          env={**fault_env(kind, n, marker, rank), **DDP_ENV}, capture_output=True, text=True,
                          timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,43 @@ import torch
 
 COLUMNS = ["step", "epoch", "split", "loss", "top1_err", "top5_err", "lr", "img_per_s", "elapsed_s",
            "loss_scale", "grad_norm"]
+# Rows of this split come from ``cnntrain eval --watch`` or the async evaluator, which score saved
+# checkpoints; a resumed run does not write them again, so they survive its truncation.
+WATCHER_SPLIT = "eval"
+
+
+@contextmanager
+def metrics_lock(path: Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` (flock) while rewriting ``path`` or appending to it after a check.
+
+    The lock is a file of its own because a rewrite replaces ``metrics.csv``: a lock on the old file
+    would not be seen by whoever opens the new one. The trainer's plain appends need no lock.
+    """
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def append_row_once(path: Path, **row: Any) -> bool:
+    """Append ``row`` to ``path`` unless a row of the same step and split is there already (two
+    watchers scoring one checkpoint write it once); returns whether it was appended."""
+    with metrics_lock(path):
+        step, split = str(row["step"]), str(row["split"])
+        if any(r["step"] == step and r["split"] == split for r in read_metrics(path)):
+            return False
+        with open(path, "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(c, "")) for c in COLUMNS])
+        return True
 
 
 class MetricsLog:
-    """Appends rows to ``metrics.csv``; on resume, drops rows written after the checkpoint's step.
+    """Appends rows to ``metrics.csv``; on resume, drops the rows the run wrote after the checkpoint's
+    step (it writes them again) and keeps the ``eval`` rows a watcher appended meanwhile.
 
     With ``tensorboard_dir`` every numeric value of every row is also a TensorBoard scalar
     ``<split>/<column>`` at its step, so the CSV and TensorBoard never disagree.
@@ -36,14 +71,15 @@ class MetricsLog:
                 raise ConfigError("--tensorboard needs the tensorboard package: pip install 'cnntrain[tensorboard]'")\
                     from None
             self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)
-        if resume_step is None or not path.exists():
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(COLUMNS)
-        else:
-            self._truncate_after(resume_step)
+        with metrics_lock(path):  # a watcher's check-then-append never straddles the rewrite
+            if resume_step is None or not path.exists():
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerow(COLUMNS)
+            else:
+                self._truncate_after(resume_step)
 
     def _truncate_after(self, step: int) -> None:
-        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= step]
+        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= step or r["split"] == WATCHER_SPLIT]
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
@@ -111,6 +147,15 @@ class TrainWindow:
     def add_step(self, grad_norm: torch.Tensor) -> None:
         self.grad_norm += grad_norm.detach().double()
         self.steps += 1
+
+    def reset(self) -> None:
+        """Start a new window (after a log line)."""
+        self.sums.zero_()
+        self.grad_norm.zero_()
+        self.steps = 0
+        self.data_seconds = 0.0
+        self.paused = 0.0
+        self.started = time.perf_counter()
 
     def state(self, all_reduce_sum=None) -> dict:
         """The partial window; with several ranks, ``all_reduce_sum`` folds every rank's sums into it

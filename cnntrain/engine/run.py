@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,9 +12,36 @@ import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
 from cnntrain.config import TrainConfig
+from cnntrain.engine.metrics import write_summary
 from cnntrain.errors import CheckpointError
 
 RUNS_ROOT = Path("runs")
+
+
+@dataclass
+class Result:
+    """What ``cnntrain.train`` returns: the run folder and headline figures (``summary``: summary.json)."""
+
+    run_dir: Path
+    best_top1: float
+    final_top1: float
+    steps: int
+    seconds: float
+    img_per_s: float
+    summary: dict
+
+
+def run_meta(cfg: TrainConfig, data) -> dict:
+    """What exported weights and checkpoints carry so a model can be rebuilt and fed without the
+    data set: model name, classes, input shape, normalisation, and the config."""
+    return {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes,
+            "input_shape": list(data.shape), "mean": list(data.mean), "std": list(data.std), "config": cfg.to_dict()}
+
+
+def finish_run(run_dir: Path, model: nn.Module, meta: dict, summary: dict) -> None:
+    """The last files of a run: ``model.safetensors`` and ``summary.json``."""
+    export_safetensors(model, run_dir / "model.safetensors", meta)
+    write_summary(run_dir / "summary.json", summary)
 
 
 def default_run_dir(cfg: TrainConfig, timestamp: int) -> Path:
@@ -63,14 +91,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"cannot read weights {path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for bad headers
         raise CheckpointError(f"cannot read weights {path}: {exc}") from None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class RunLock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +38,6 @@ def register(name: str, *, input_size: tuple[int, int, int], family: str, recipe
 
 
 def get_spec(name: str) -> ModelSpec:
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; "
                           f"`cnntrain models` lists them all")
@@ -45,7 +45,6 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def list_models() -> list[ModelSpec]:
-    _ensure_loaded()
     return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
 
 
@@ -60,17 +59,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers every family; done lazily so `registry` has no import cycle.
-    import cnntrain.models  # noqa: F401
-
-
 def create_model_for(name: str, num_classes: int, shape: tuple[int, int, int] | None = None,
                      **kwargs) -> nn.Module:
     """``create_model`` for images of ``shape`` (C, H, W): passes ``image_size`` to the models whose
     classifier width depends on it."""
-    import inspect
-
     if shape is None:
         return create_model(name, num_classes, **kwargs)
     if "image_size" in inspect.signature(get_spec(name).factory).parameters:

@@ -1,5 +1,6 @@
 """Where this process stands in a job: rank, world size and rendezvous, from whichever launcher
-started it (torchrun, Open MPI, MPICH/Intel MPI (PMI), SLURM), or a single process."""
+started it (torchrun, Open MPI, MPICH/Intel MPI (PMI), SLURM), or a single process. The one place
+that reads launcher variables."""
 
 from __future__ import annotations
 
@@ -68,8 +69,13 @@ def first_slurm_host(nodelist: str) -> str | None:
     return prefix + first
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+# Variables by which each launcher marks its worker processes.
+_LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def is_launcher_child(env: dict | None = None) -> bool:
+    """Whether this process is already a worker of some launcher (torchrun, mpirun, srun with
+    several tasks): it must not launch workers again."""
+    env = os.environ if env is None else env
+    return any(k in env for k in _LAUNCHER_MARKS) or ("RANK" in env and "WORLD_SIZE" in env) or \
+        ("SLURM_PROCID" in env and (_int(env, "SLURM_NTASKS", default=1) or 1) > 1)

@@ -94,10 +94,3 @@ def launch_local(worker_argv: list[str], **options) -> int:
         else:
             os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = previous
     return 0
-
-
-def is_launcher_child() -> bool:
-    """Whether this process is already a worker of some launcher (do not launch again)."""
-    return any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")) or \
-        ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-

@@ -17,6 +17,44 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from cnntrain.parallel.ddp import Distributed, exchange_stats
+from cnntrain.parallel.hooks import broadcast_state
+
+
+class PartialUpdate(Distributed):
+    """Local optimizer steps; one chunk of the model state averaged across ranks after each."""
+
+    name = "partial"
+
+    def __init__(self, cfg, launch) -> None:
+        super().__init__(cfg, launch)
+        self._averager: PartialAverager | None = None
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        model = self._prepare(model)
+        with self.collective("broadcast of the initial weights"):
+            broadcast_state(model)
+        self._averager = PartialAverager(model, self.world_size, round(1 / self.cfg.compression_ratio))
+        return model
+
+    def after_step(self, step: int) -> None:
+        with self.collective("average of a parameter chunk (--partial-update)"):
+            self._averager.average_chunk(step)
+
+    def synchronize(self) -> None:
+        if self._averager is not None:
+            with self.collective("average of all parameters (--partial-update)"):
+                self._averager.average_all()
+
+    def comm_stats(self) -> dict[str, float]:
+        counted = self._averager
+        if counted is None or not counted.steps:
+            return {}
+        return exchange_stats(counted.sent_bytes / counted.steps, counted.dense_bytes)
+
+    def release(self) -> None:
+        self._averager = None
+
 
 class PartialAverager:
     """Averages one chunk of ``model``'s state per call to :meth:`average_chunk`, all of it in

@@ -23,12 +23,15 @@ from cnntrain.data.datasets import DataBundle
 from cnntrain.data.loaders import build_eval_loader
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import EvalResult, evaluate
-from cnntrain.engine.metrics import MetricsLog, TrainWindow, write_summary
-from cnntrain.engine.optim import lr_at
+from cnntrain.engine.metrics import MetricsLog, TrainWindow
+from cnntrain.engine.optim import lr_at, scaled_lr
 from cnntrain.engine.precision import LossScaler
 from cnntrain.engine.progress import Progress
-from cnntrain.engine.run import export_safetensors, peak_memory_mb, resolve_run_dir
-from cnntrain.engine.trainer import Result
+from cnntrain.engine.run import Result, finish_run, resolve_run_dir, run_meta
+from cnntrain.engine.state import TrainState
+from cnntrain.engine.step import StepOutcome
+from cnntrain.engine.trainer import init_from_data
+from cnntrain.hardware import peak_memory_mb
 from cnntrain.models import count_parameters
 from cnntrain.parallel.ps.client import PsClient, Stats
 from cnntrain.parallel.ps.cluster import WORKER, Cluster, ShardPlan, role_name
@@ -62,69 +65,66 @@ def staleness_shares(hist: list[int]) -> str:
 
 class Chief:
     def __init__(self, cfg: TrainConfig, cluster: Cluster, client: PsClient, data: DataBundle, model: nn.Module,
-                 plan: ShardPlan, device: torch.device, steps_per_epoch: int, total_steps: int) -> None:
+                 plan: ShardPlan, device: torch.device, steps_per_epoch: int, total_steps: int,
+                 scaler: LossScaler) -> None:
         self.cfg, self.cluster, self.client, self.data = cfg, cluster, client, data
         self.model, self.plan, self.device = model, plan, device
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        self.base_lr = cfg.lr * (cfg.batch_size / cfg.scale_lr if cfg.scale_lr else 1.0)
-        self.meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes,
-                     "input_shape": list(data.shape), "mean": list(data.mean), "std": list(data.std),
-                     "config": cfg.to_dict()}
+        self.base_lr = scaled_lr(cfg, cfg.batch_size * cfg.accum_steps)  # one worker's update is one batch
+        self.meta = run_meta(cfg, data)
         self.val_loader = (build_eval_loader(cfg, data.val, device, data.mean, data.std)
                            if data.val is not None else None)
-        self.window = TrainWindow(device)
-        self.best_top1 = 0.0
-        self.elapsed_before = 0.0
+        # The checkpoint holds what the sync trainer's holds, but the optimizer state comes from the ps.
+        self.state = TrainState(model, scaler, TrainWindow(device))
         self.last_eval: EvalResult | None = None
         self.last_train = (float("nan"), float("nan"))
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
-        cfg, model = self.cfg, self.model
+        cfg, model, state = self.cfg, self.model, self.state
         stamp = int(time.time())
         self.run_dir = resolve_run_dir(cfg, stamp)
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
         resume_path = ckpt.resolve_resume(cfg.resume, self.run_dir)
-        step, optimizer_state = 0, None
-        if resume_path is None and hasattr(model, "init_from_data"):
-            sample = self.data.train.images[:5000].to(self.device, torch.float32) / 255
-            mean = torch.tensor(self.data.mean, device=self.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.data.std, device=self.device).view(1, -1, 1, 1)
-            model.init_from_data((sample - mean) / std)
-        if resume_path is not None:
-            state = ckpt.load_checkpoint(resume_path)
-            model.load_state_dict(state["model"])
-            optimizer_state = state.get("ps_optimizer")
-            step, self.best_top1, self.elapsed_before = state["step"], state["best_top1"], state["elapsed"]
-            log.info("resumed from %s at update %d (epoch %.2f)", resume_path, step, step / self.steps_per_epoch)
+        if resume_path is None:
+            init_from_data(model, self.data, self.device)
+        else:
+            state.restore(ckpt.load_checkpoint(resume_path), resume_path)
+            log.info("resumed from %s at update %d (epoch %.2f)", resume_path, state.step,
+                     state.step / self.steps_per_epoch)
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # a refused resume touches nothing
+        save_config(cfg, self.run_dir / "config.yaml")
+        step = state.step
         self.metrics = MetricsLog(self.run_dir / "metrics.csv", resume_step=step if resume_path else None,
                                   tensorboard_dir=self.run_dir / "tb" if cfg.tensorboard else None)
         c, h, w = self.data.shape
         self.client.init(model, self.plan, (step, self.data.num_classes, c, h, w, self.steps_per_epoch,
-                                            self.total_steps, self.base_lr, stamp), optimizer_state)
-        log.info("%s: %s, %d parameters on %d ps (%s values) | %s: %d train, %d %s images | %d workers x batch %d, "
-                 "lr %g, %d updates/epoch, %d updates | %s",
-                 self.run_dir, cfg.model, count_parameters(model), self.cluster.num_ps,
-                 " / ".join(str(self.plan.numel_of(k)) for k in range(self.cluster.num_ps)), cfg.dataset,
-                 len(self.data.train), len(self.data.val) if self.data.val else 0, self.data.val_name,
-                 self.cluster.num_workers, cfg.batch_size, self.base_lr, self.steps_per_epoch, self.total_steps,
-                 f"max staleness {cfg.max_staleness}" if cfg.max_staleness >= 0 else "staleness unbounded")
+                                            self.total_steps, self.base_lr, stamp), state.extra.get("ps_optimizer"))
+        self._log_start()
         self.progress = Progress(cfg.progress, self.total_steps, step, True)
-        self.started = time.perf_counter()
-        self.last_save = self.started
+        self.started = self.last_save = time.perf_counter()
         self.saved_step = step if resume_path else -1
         self.saved_steps: list[int] = []
-        self.start_step = step
-        self.window_version = step
+        self.start_step = self.window_version = step
         self.marks = {"display": step // cfg.display_every, "epoch": step // self.steps_per_epoch,
                       "save": step // cfg.save_every if cfg.save_every else 0,
                       "eval": step // cfg.eval_every if cfg.eval_every else 0}
         self.previous: Stats | None = None
         self.rate_mark = (time.perf_counter(), [0] * self.cluster.num_workers)
 
+    def _log_start(self) -> None:
+        cfg = self.cfg
+        log.info("%s: %s, %d parameters on %d ps (%s values) | %s: %d train, %d %s images | %d workers x batch %d%s, "
+                 "lr %g, %d updates/epoch, %d updates | %s",
+                 self.run_dir, cfg.model, count_parameters(self.model), self.cluster.num_ps,
+                 " / ".join(str(self.plan.numel_of(k)) for k in range(self.cluster.num_ps)), cfg.dataset,
+                 len(self.data.train), len(self.data.val) if self.data.val else 0, self.data.val_name,
+                 self.cluster.num_workers, cfg.batch_size,
+                 f" x {cfg.accum_steps} accumulated" if cfg.accum_steps > 1 else "", self.base_lr,
+                 self.steps_per_epoch, self.total_steps,
+                 f"max staleness {cfg.max_staleness}" if cfg.max_staleness >= 0 else "staleness unbounded")
+
     def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
+        return self.state.elapsed_before + time.perf_counter() - self.started
 
     def _crossed(self, key: str, version: int, every: int) -> bool:
         if every <= 0 or version // every <= self.marks[key]:
@@ -133,14 +133,14 @@ class Chief:
         return True
 
     # ------------------------------------------------------------------ each step
-    def after_step(self, version: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                   grad_norm: torch.Tensor, scaler: LossScaler) -> None:
-        cfg = self.cfg
-        self.window.add(loss, logits, labels)
-        self.window.add_step(grad_norm)
+    def after_step(self, version: int, outcome: StepOutcome) -> None:
+        cfg, window = self.cfg, self.state.window
+        for loss, logits, labels in outcome.micro:
+            window.add(loss, logits, labels)
+        window.add_step(outcome.grad_norm if outcome.grads_ok else outcome.grad_norm * 0)
         self.progress.step(min(version, self.total_steps))
         if self._crossed("display", version, cfg.display_every):
-            self._log_window(version, scaler)
+            self._log_window(version)
         pause = time.perf_counter()
         if self._crossed("eval", version, cfg.eval_every):
             self._evaluate(version)
@@ -148,26 +148,23 @@ class Chief:
         by_epoch = not cfg.save_every and self._crossed("epoch", version, self.steps_per_epoch)
         if by_epoch or self._crossed("save", version, cfg.save_every) or timed:
             self._save()
-        self.window.paused += time.perf_counter() - pause
+        window.paused += time.perf_counter() - pause
 
-    def _log_window(self, version: int, scaler: LossScaler) -> None:
-        loss_sum, correct, count = self.window.sums.tolist()
-        seconds = max(time.perf_counter() - self.window.started - self.window.paused, 1e-9)
-        img_s = (version - self.window_version) * self.cfg.batch_size / seconds
+    def _log_window(self, version: int) -> None:
+        window = self.state.window
+        loss_sum, correct, count = window.sums.tolist()
+        seconds = max(time.perf_counter() - window.started - window.paused, 1e-9)
+        img_s = (version - self.window_version) * self.cfg.batch_size * self.cfg.accum_steps / seconds
         self.last_train = (loss_sum / max(count, 1), 1 - correct / max(count, 1))
         lr = lr_at(min(version, self.total_steps - 1), self.cfg, self.base_lr, self.steps_per_epoch, self.total_steps)
-        grad_norm = float(self.window.grad_norm) / max(self.window.steps, 1)
+        grad_norm = float(window.grad_norm) / max(window.steps, 1)
         epoch = version / self.steps_per_epoch
         self.metrics.write(step=version, epoch=epoch, split="train", loss=self.last_train[0],
                            top1_err=self.last_train[1], top5_err="", lr=lr, img_per_s=img_s, elapsed_s=self.elapsed(),
-                           loss_scale=scaler.scale, grad_norm=grad_norm)
+                           loss_scale=self.state.scaler.scale, grad_norm=grad_norm)
         self.progress.report(version, epoch, self.last_train[0], self.last_train[1], lr, img_s, 0.0)
         self._log_stats(self.client.stats())
-        self.window.sums.zero_()
-        self.window.grad_norm.zero_()
-        self.window.steps = 0
-        self.window.paused = 0.0
-        self.window.started = time.perf_counter()
+        window.reset()
         self.window_version = version
 
     def _log_stats(self, st: Stats) -> None:
@@ -205,13 +202,16 @@ class Chief:
         if version == self.saved_step and not best:
             return
         st = self.client.stats()
-        state = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                 "ps_optimizer": optimizer_state, "step": version, "epoch": version / self.steps_per_epoch,
-                 "best_top1": self.best_top1, "elapsed": self.elapsed(), "config": self.cfg.to_dict(),
-                 "meta": self.meta, "async_ps": {"ps": self.cluster.num_ps, "workers": self.cluster.num_workers,
-                                                 "staleness": st.staleness, "updates": st.updates}}
+        self.state.step = version
+        self.state.extra = {"ps_optimizer": optimizer_state,
+                            "async_ps": {"ps": self.cluster.num_ps, "workers": self.cluster.num_workers,
+                                         "staleness": st.staleness, "updates": st.updates}}
+        payload = self.state.to_checkpoint(elapsed=self.elapsed(), config=self.cfg.to_dict(), meta=self.meta,
+                                           epoch=version / self.steps_per_epoch,
+                                           global_batch=self.cfg.batch_size * self.cfg.accum_steps,
+                                           world_size=self.cluster.num_workers)
         folder = self.run_dir / "checkpoints"
-        ckpt.save_checkpoint(state, folder, version, keep_last=0, best=best)
+        ckpt.save_checkpoint(payload, folder, version, keep_last=0, best=best)
         self.saved_step = version
         if version not in self.saved_steps:
             self.saved_steps.append(version)
@@ -223,7 +223,7 @@ class Chief:
         result = evaluate(self.model, self.val_loader.iterate(0), self.data.num_classes, precision=self.cfg.precision,
                           device=self.device, tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate)
         self.last_eval = result
-        self.best_top1 = max(self.best_top1, result.top1)
+        self.state.best_top1 = max(self.state.best_top1, result.top1)
         self.metrics.write(step=version, epoch=version / self.steps_per_epoch, split=self.data.val_name,
                            loss=result.loss, top1_err=result.top1_err, top5_err=result.top5_err,
                            elapsed_s=self.elapsed())
@@ -232,11 +232,11 @@ class Chief:
         return result
 
     # ------------------------------------------------------------------ end
-    def finish(self, scaler: LossScaler) -> Result:
+    def finish(self) -> Result:
         seconds = time.perf_counter() - self.started
         snapshot = self._load_snapshot()
         version = snapshot[0]
-        best_before = self.best_top1
+        best_before, scaler = self.state.best_top1, self.state.scaler
         result = self._evaluate(version)
         self._save(best=result is not None and result.top1 > best_before, snapshot=snapshot)
         st = self.client.stats()
@@ -250,29 +250,30 @@ class Chief:
         summary = {
             "run_dir": str(self.run_dir), "dataset": self.cfg.dataset, "model": self.cfg.model,
             "parameters": count_parameters(self.model), "steps": version, "epochs": version / self.steps_per_epoch,
-            "global_batch": self.cfg.batch_size, "world_size": self.cluster.num_workers, "device": str(self.device),
+            "global_batch": self.cfg.batch_size * self.cfg.accum_steps, "world_size": self.cluster.num_workers,
+            "device": str(self.device),
             "precision": self.cfg.precision, "strategy": "async-ps", "ps": self.cluster.num_ps,
-            "max_staleness": self.cfg.max_staleness, "best_top1": self.best_top1,
+            "max_staleness": self.cfg.max_staleness, "best_top1": self.state.best_top1,
             "final_top1": result.top1 if result else None, "final_top5": result.top5 if result else None,
             "final_loss": result.loss if result else None, "eval_split": self.data.val_name,
             "eval_images": result.count if result else 0, "train_seconds": seconds, "total_seconds": self.elapsed(),
-            "img_per_s": done * self.cfg.batch_size / max(seconds, 1e-9),
+            "img_per_s": done * self.cfg.batch_size * self.cfg.accum_steps / max(seconds, 1e-9),
             "updates_per_s": done / max(seconds, 1e-9), "staleness_histogram": _trim(st.staleness),
             "workers": workers, "checkpoint_steps": self.saved_steps, "skipped_steps": scaler.skipped,
             "loss_scale": scaler.scale, "peak_memory_mb": peak_memory_mb(self.device),
         }
-        export_safetensors(self.model, self.run_dir / "model.safetensors", self.meta)
-        write_summary(self.run_dir / "summary.json", summary)
+        finish_run(self.run_dir, self.model, self.meta, summary)
         lost = [f"{name} ({w['lost']}x lost, {w['joins'] - 1}x rejoined)" for name, w in workers.items() if w["lost"]]
         log.info("staleness distribution (updates behind: share of %d updates): %s", sum(st.staleness),
                  staleness_shares(st.staleness))
         log.info("updates/s per worker: %s%s", ", ".join(f"{n} {w['updates_per_s']:.2f}" for n, w in workers.items()),
                  f" | lost during training: {', '.join(lost)}" if lost else "")
         log.info("done: %d updates in %.1f s (%.1f img/s); %s top-1 %.2f%% (best %.2f%%); %s", version, seconds,
-                 summary["img_per_s"], self.data.val_name, 100 * (summary["final_top1"] or 0), 100 * self.best_top1,
+                 summary["img_per_s"], self.data.val_name, 100 * (summary["final_top1"] or 0),
+                 100 * self.state.best_top1,
                  self.run_dir)
         self.client.finish()
-        return Result(self.run_dir, self.best_top1, summary["final_top1"] or 0.0, version, seconds,
+        return Result(self.run_dir, self.state.best_top1, summary["final_top1"] or 0.0, version, seconds,
                       summary["img_per_s"], summary)
 
 

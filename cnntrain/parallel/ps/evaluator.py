@@ -28,11 +28,11 @@ from cnntrain.engine.metrics import COLUMNS
 from cnntrain.engine.run import resolve_run_dir
 from cnntrain.engine.trainer import build_model
 from cnntrain.errors import CheckpointError, ConfigError
-from cnntrain.parallel.env import usable_cores
+from cnntrain.hardware import pick_device, usable_cores
+from cnntrain.models import get_spec
 from cnntrain.parallel.ps.client import PsClient, run_finished
 from cnntrain.parallel.ps.cluster import EVALUATOR, Cluster
 from cnntrain.parallel.ps.transport import GaveUp
-from cnntrain.parallel.strategy import pick_device
 
 log = logging.getLogger("cnntrain")
 POLL_SECONDS = 0.5
@@ -49,7 +49,7 @@ class _Scorer:
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.data = load_data(cfg)
+        self.data = load_data(cfg, input_size=get_spec(cfg.model).input_size)
         if self.data.val is None:
             raise ConfigError(f"--role evaluator: data set {cfg.dataset} has no test split to score (use --val-split)")
         self.model = build_model(cfg, self.data).to(device)

@@ -3,11 +3,13 @@ shard of the training set, push it, and go on without waiting for the others.
 
     cnntrain train --strategy async-ps --role worker --worker-index 1 --ps-hosts h:2222 --worker-hosts a,b ...
 
-The step is the synchronous trainer's (same model, loss, precision, loss scaling, clipping, skip of
-non-finite steps); only the optimizer step is elsewhere, on the ps. Worker ``i`` of ``W`` reads
-the fixed ``shard_indices(N, W, i)`` slice of the training set, reshuffled each pass with seed
-``--seed + i``; one epoch of the job is N / batch updates, whichever workers made them. The chief
-is worker 0 and does the bookkeeping as well (``chief.py``).
+The step is the synchronous trainer's own (``engine.step.train_step``: same model, loss, precision,
+loss scaling, gradient accumulation, clipping, skip of non-finite steps); only the update differs:
+``PsWorker.apply_update`` pushes the gradient and pulls new weights, the optimizer runs on the ps.
+Worker ``i`` of ``W`` reads the fixed ``shard_indices(N, W, i)`` slice of the training set,
+reshuffled each pass with seed ``--seed + i``; one epoch of the job is N / (batch x accum-steps)
+updates, whichever workers made them. The chief is worker 0 and does the bookkeeping as well
+(``chief.py``).
 """
 
 from __future__ import annotations
@@ -19,40 +21,60 @@ import time
 import torch
 
 from cnntrain.config import TrainConfig
-from cnntrain.data.datasets import load_data
 from cnntrain.data.loaders import build_loaders
 from cnntrain.data.pipeline import BatchPlan
-from cnntrain.engine.evaluate import main_logits
-from cnntrain.engine.precision import LossScaler, autocast
-from cnntrain.engine.trainer import Result, _loss_fn, build_model
+from cnntrain.engine.precision import LossScaler
+from cnntrain.engine.run import Result
+from cnntrain.engine.step import StepParts, Update, make_loss_fn, train_step
+from cnntrain.engine.trainer import load_model_and_data
 from cnntrain.errors import ConfigError, NumericalError
-from cnntrain.parallel.env import usable_cores
+from cnntrain.hardware import usable_cores
+from cnntrain.parallel.base import Strategy
+from cnntrain.parallel.env import LaunchEnv
 from cnntrain.parallel.ps.chief import Chief
 from cnntrain.parallel.ps.client import PsClient, run_finished
 from cnntrain.parallel.ps.cluster import CHIEF, WORKER, Cluster, ShardPlan, role_name, shard_indices
 from cnntrain.parallel.ps.transport import GaveUp
-from cnntrain.parallel.strategy import pick_device
 
 log = logging.getLogger("cnntrain")
 
 
+class PsWorker(Strategy):
+    """The strategy of an async-ps worker: the update is a push of this step's gradient (or of
+    "skipped") and a pull of the newest weights; the optimizer runs on the ps."""
+
+    name = "async-ps"
+
+    def __init__(self, cfg: TrainConfig, client: PsClient) -> None:
+        super().__init__(cfg, LaunchEnv())
+        self.client = client
+        self.done, self.version = False, 0
+
+    def setup(self) -> None:
+        torch.set_num_threads(self.cfg.threads or usable_cores())
+
+    def pull(self) -> None:
+        self.done, self.version = self.client.pull()
+
+    def apply_update(self, update: Update | None, grads_ok: bool, lr: float) -> None:
+        self.done, self.version = self.client.push_pull(skipped=not grads_ok)
+
+
 def steps_per_epoch(cfg: TrainConfig, size: int) -> int:
-    """Updates in one pass over ``size`` images at ``--batch-size`` (as one synchronous process)."""
-    return len(BatchPlan(size, cfg.batch_size, device=torch.device("cpu"), mean=(0.0,), std=(1.0,), shuffle=True,
-                         drop_last=cfg.drop_last))
+    """Updates in one pass over ``size`` images at ``--batch-size`` x ``--accum-steps`` (as one
+    synchronous process)."""
+    batches = len(BatchPlan(size, cfg.batch_size, device=torch.device("cpu"), mean=(0.0,), std=(1.0,), shuffle=True,
+                            drop_last=cfg.drop_last))
+    return max(batches // cfg.accum_steps, 1)
 
 
 def run_trainer(cfg: TrainConfig, cluster: Cluster) -> Result | None:
     """Train as the chief (returns the run's Result) or as a worker (returns None) until the job ends."""
     index = 0 if cfg.role == "chief" else cfg.worker_index
-    role = CHIEF if index == 0 else WORKER
-    me = role_name(role, index, cluster)
-    device = pick_device(cfg.device)
-    torch.set_num_threads(cfg.threads or usable_cores())
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    client = PsClient(cfg, cluster, role, index)
+    me = role_name(CHIEF if index == 0 else WORKER, index, cluster)
+    client = PsClient(cfg, cluster, CHIEF if index == 0 else WORKER, index)
+    strategy = PsWorker(cfg, client)
+    strategy.setup()
     try:  # first, so the ps know the chief is alive while it loads the data
         client.connect(stop=run_finished(cfg) if index else None)
     except GaveUp:
@@ -60,75 +82,63 @@ def run_trainer(cfg: TrainConfig, cluster: Cluster) -> Result | None:
         return None
     finished = False
     try:
-        result = _train(cfg, cluster, client, index, device, me)
+        result = _train(cfg, cluster, strategy, index, me)
         finished = True
         return result
     finally:
         client.close(goodbye=finished)  # no goodbye after a failure: the ps then report this process lost
 
 
-def _train(cfg: TrainConfig, cluster: Cluster, client: PsClient, index: int, device: torch.device,
-           me: str) -> Result | None:
-    data = load_data(cfg)
-    model = build_model(cfg, data).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+def _train(cfg: TrainConfig, cluster: Cluster, strategy: PsWorker, index: int, me: str) -> Result | None:
+    device, client = strategy.device, strategy.client
+    data, model = load_model_and_data(cfg, device)
     plan = ShardPlan.for_model(model, cluster.num_ps)
     client.bind(model, plan)
     shard = shard_indices(len(data.train), cluster.num_workers, index, cfg.seed)
     own = dataclasses.replace(data, train=data.train.subset(shard), val=None)
-    loader, _ = build_loaders(dataclasses.replace(cfg, seed=cfg.seed + index), own, device)
-    if len(loader) == 0:
-        raise ConfigError(f"{me}: --batch-size {cfg.batch_size} is larger than its shard of {len(shard)} of the "
-                          f"{len(data.train)} training images: lower --batch-size or use fewer workers")
+    loader, _ = build_loaders(cfg.replace(seed=cfg.seed + index), own, device)
+    updates_per_pass = len(loader) // cfg.accum_steps
+    if updates_per_pass == 0:
+        raise ConfigError(f"{me}: --batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps} is larger than its "
+                          f"shard of {len(shard)} of the {len(data.train)} training images: lower --batch-size or "
+                          f"use fewer workers")
     per_epoch = steps_per_epoch(cfg, len(data.train))
     total = round(cfg.epochs * per_epoch) if cfg.epochs > 0 else cfg.max_steps
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-
-    chief = Chief(cfg, cluster, client, data, model, plan, device, per_epoch, total) if index == 0 else None
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    scaler = LossScaler.for_precision(cfg.precision, cfg.loss_scale)
+    chief = Chief(cfg, cluster, client, data, model, plan, device, per_epoch, total, scaler) if index == 0 else None
     if chief is not None:
         chief.start()
-    log.info("%s: shard of %d images (%d batches of %d per pass), %s", me, len(shard), len(loader), cfg.batch_size,
-             device)
-    wrapped = torch.compile(model) if cfg.compile else model
+    log.info("%s: shard of %d images (%d updates of %d x %d per pass), %s", me, len(shard), updates_per_pass,
+             cfg.batch_size, cfg.accum_steps, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = _loss_fn(cfg)
-    scaler = LossScaler.for_precision(cfg.precision, cfg.loss_scale)
-    started = time.perf_counter()
+    parts = StepParts(torch.compile(model) if cfg.compile else model, params, make_loss_fn(cfg.label_smoothing),
+                      scaler, strategy, None, cfg.precision, cfg.accum_steps, cfg.grad_clip)
+    started, computed = time.perf_counter(), _run(parts, loader, updates_per_pass, strategy, chief, me)
+    seconds = time.perf_counter() - started
+    log.info("%s: training over at update %d; computed %d gradients in %.1f s (%.2f/s)", me, strategy.version,
+             computed, seconds, computed / max(seconds, 1e-9))
+    return chief.finish() if chief is not None else None
+
+
+def _run(parts: StepParts, loader, updates_per_pass: int, strategy: PsWorker, chief: Chief | None, me: str) -> int:
+    """Steps until the ps say the run is over; the number of gradients this worker computed."""
     computed = bad_run = epoch = 0
-    done, version = client.pull()
-    model.train()
-    while not done:
-        for images, labels in loader.iterate(epoch):
-            with autocast(cfg.precision, device.type):
-                output = wrapped(images)
-                loss = loss_fn(output, labels)
-            scaler.scale_loss(loss).backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            scaler.unscale_(grads)
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-            loss_ok, grads_ok = torch.stack([loss.detach().float(), grad_norm.float()]).isfinite().tolist()
-            if grads_ok and cfg.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
-            done, version = client.push_pull(skipped=not grads_ok)
-            scaler.update(found_inf=not grads_ok)
-            for p in params:
-                p.grad = None
-            computed += int(grads_ok)
-            bad_run = 0 if loss_ok else bad_run + 1
-            if bad_run >= cfg.max_bad_steps:
-                raise NumericalError(f"{me}: loss was not finite for {bad_run} steps in a row (update {version}); "
-                                     f"lower --lr, add --grad-clip or --warmup-epochs, or use bf16/fp32")
-            if chief is not None and loss_ok:
-                chief.after_step(version, loss, main_logits(output).float(), labels,
-                                 grad_norm if grads_ok else grad_norm * 0, scaler)
-            if done:
+    strategy.pull()
+    parts.forward.train()
+    while not strategy.done:
+        batches = loader.iterate(epoch)
+        for _ in range(updates_per_pass):
+            outcome = train_step(parts, batches, 0.0, strategy.version)  # the LR is the ps's
+            computed += int(outcome.grads_ok)
+            bad_run = 0 if outcome.loss_ok else bad_run + 1
+            if bad_run >= parts.strategy.cfg.max_bad_steps:
+                raise NumericalError(f"{me}: loss was not finite for {bad_run} steps in a row (update "
+                                     f"{strategy.version}); lower --lr, add --grad-clip or --warmup-epochs, or use "
+                                     f"bf16/fp32")
+            if chief is not None and outcome.loss_ok:
+                chief.after_step(strategy.version, outcome)
+            if strategy.done:
                 break
         epoch += 1
-    seconds = time.perf_counter() - started
-    log.info("%s: training over at update %d; computed %d gradients in %.1f s (%.2f/s)", me, version, computed,
-             seconds, computed / max(seconds, 1e-9))
-    if chief is not None:
-        return chief.finish(scaler)
-    return None
+    return computed
