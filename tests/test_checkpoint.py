@@ -191,6 +191,12 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_unless_overwrite(tmp_path):
         assert (tmp_path / "new").is_dir()
 
 
+def test_an_unfinished_first_write_does_not_block_a_fresh_start(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-00000008.pt").write_bytes(b"killed before its manifest")
+    claim_run_dir(tmp_path, resuming=False, overwrite=False).release()
+
+
 HOLD = """
 import sys, time
 from pathlib import Path

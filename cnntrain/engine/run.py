@@ -133,9 +133,10 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> RunLock:
     """Take ``run_dir`` for this run, before anything is written into it; returns the held lock.
 
     A second run in the same folder fails at once (ConfigError naming the holder's pid). A fresh run
-    (``resuming`` False) refuses a folder that already holds checkpoints, unless ``overwrite``: then
-    the old checkpoints, ``best.pt`` and ``summary.json`` are deleted first. With several ranks only
-    rank 0 claims (the folder is rank 0's to write); the others never call this.
+    (``resuming`` False) refuses a folder that already holds checkpoints (step files with a manifest,
+    or ``best.pt``), unless ``overwrite``: then every checkpoint file, ``best.pt`` and
+    ``summary.json`` are deleted first. With several ranks only rank 0 claims (the folder is rank
+    0's to write); the others never call this, so rank 0 must tell them when its claim fails.
     """
     import fcntl
     import os
@@ -163,7 +164,9 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         folder = run_dir / "checkpoints"
-        steps = ckpt.list_checkpoints(folder)
+        # A step file without a manifest is an unfinished write, not a checkpoint (a run killed while
+        # writing its first one must be able to start again); a damaged one with a manifest counts.
+        steps = [(s, p) for s, p in ckpt.list_checkpoints(folder) if ckpt.manifest_path(p).is_file()]
         best = (folder / "best.pt").is_file()
         if (steps or best) and not resuming:
             if not overwrite:
