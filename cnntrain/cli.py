@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import os
-import re
 import sys
 import typing
 
-from cnntrain.config import CHOICES, DEVICE_ALIASES, TrainConfig, build_config
+from cnntrain.config import CHOICES, DEVICE_ALIASES, SECTIONS, build_config, config_field_names
 from cnntrain.errors import CnnTrainError, ConfigError
 from cnntrain.parallel.launch import add_launch_flags
 
@@ -28,40 +26,45 @@ SHORT = {"model": ["-n"], "batch_size": ["-b"], "epochs": ["-e"], "lr": ["-l"], 
          "run_dir": ["-o", "--monitor-path"], "max_steps": ["-i"], "ps_count": ["--ps"]}
 
 
-def _field_help() -> dict[str, str]:
-    """The trailing comment of each TrainConfig field is its --help text (one source of truth)."""
-    helps = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, default None so a recipe's value stands unless given."""
-    helps = _field_help()
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        names = [*SHORT.get(f.name, []), flag]
-        hint = hints[f.name]
-        text = f"{helps.get(f.name, '')} [default: {getattr(defaults, f.name)!r}]"
-        if hint is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=text)
-        elif typing.get_origin(hint) is list:
-            item = typing.get_args(hint)[0]
-            parser.add_argument(*names, dest=f.name, nargs="+", type=item, default=None, help=text)
-        elif typing.get_origin(hint) is dict:
-            parser.add_argument(*names, dest=f.name, type=_key_values, default=None,
-                                help=f"{text}; as key=value,key=value")
-        else:
-            choices = CHOICES.get(f.name)
-            if f.name == "device":
-                choices = (*choices, *DEVICE_ALIASES)
-            parser.add_argument(*names, dest=f.name, type=hint, choices=choices, default=None, help=text)
+    """One flag per config option, grouped by section; default None so a recipe's value stands unless given."""
+    for cls in SECTIONS.values():
+        group = parser.add_argument_group(cls.title)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            _add_option_flag(group, f, hints[f.name])
+
+
+def _add_option_flag(group: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    names = [*SHORT.get(f.name, []), flag]
+    text = f.metadata["help"]
+    if typing.get_origin(hint) is dict:
+        text += "; as key=value,key=value"
+    if not f.metadata["secret"]:
+        text += f" [default: {_show(f.default_factory() if callable(f.default_factory) else f.default)}]"
+    text = text.replace("%", "%%")  # argparse formats help with %
+    if hint is bool:
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+    elif typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        group.add_argument(*names, dest=f.name, nargs="+", type=item, default=None, help=text)
+    elif typing.get_origin(hint) is dict:
+        group.add_argument(*names, dest=f.name, type=_key_values, default=None, help=text)
+    else:
+        choices = CHOICES.get(f.name)
+        if f.name == "device":
+            choices = (*choices, *DEVICE_ALIASES)
+        group.add_argument(*names, dest=f.name, type=hint, choices=choices, default=None, help=text)
+
+
+def _show(default) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(default, tuple):
+        return " ".join(map(str, default)) or "none"
+    if isinstance(default, dict):
+        return ",".join(f"{k}={v}" for k, v in default.items()) or "none"
+    return repr(default) if isinstance(default, str) else str(default)
 
 
 def _key_values(text: str) -> dict:
@@ -151,7 +154,7 @@ def _add_tool_parsers(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from cnntrain.engine.trainer import train
 
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    options = {name: getattr(args, name) for name in config_field_names()}
     cfg = build_config(args.recipe, **options)  # bad flags fail here, before any worker starts
     if cfg.strategy == "async-ps":
         from cnntrain.parallel.ps import train_async_ps

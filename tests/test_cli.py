@@ -2,7 +2,8 @@ import shutil
 
 import pytest
 
-from cnntrain.cli import main
+from cnntrain.cli import build_parser, main
+from cnntrain.config import OPTIONS, build_config, config_field_names
 from tests.helpers import cli_args, run_cli, tiny
 
 
@@ -21,6 +22,39 @@ def test_train_help_documents_the_reference_flags(capsys):
     for flag in ("-n", "-b", "-e", "-l", "-c", "--lr-schedule", "--warmup-epochs", "--label-smoothing",
                  "--precision", "--resume", "--save-interval", "--no-verify", "--val-split", "--config"):
         assert f"{flag} " in text or f"{flag}," in text or f"{flag}\n" in text, flag
+
+
+def test_train_help_groups_the_flags_by_section_each_with_help_and_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    titles = ["data:", "model:", "optimisation:", "precision and speed:", "run and outputs:",
+              "synchronous data parallel:", "asynchronous parameter server:", "launch ("]
+    assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles)
+    assert "--ps-token PS_TOKEN" in text and "--overwrite, --no-overwrite" in text
+    optimisation = text.split("optimisation:")[1].split("precision and speed:")[0]
+    assert "-l LR, --lr LR" in optimisation and "--max-image-pixels" not in optimisation
+
+
+def test_every_config_flag_has_help_text_and_a_default():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train._actions}
+    for name in OPTIONS:
+        help_text = actions[name].help
+        assert help_text and not help_text.startswith(" ["), name
+        assert "[default: " in help_text or name == "ps_token", name
+
+
+def test_async_ps_workers_on_the_command_line_count_training_processes():
+    def config_of(*argv):
+        args = build_parser().parse_args(["train", *argv])
+        return build_config(args.recipe, **{name: getattr(args, name) for name in config_field_names()})
+
+    cfg = config_of("--strategy", "async-ps", "--ps", "2", "--workers", "3")  # cifar-tf's spelling
+    assert (cfg.ps_count, cfg.worker_count, cfg.workers) == (2, 3, -1)
+    cfg = config_of("--strategy", "async-ps", "--ps", "2", "--worker-count", "3", "--workers", "4")
+    assert (cfg.worker_count, cfg.workers) == (3, 4)
+    assert config_of("--workers", "4").workers == 4
 
 
 def test_models_lists_names_parameters_and_input_size(capsys):

@@ -16,11 +16,9 @@ import torch
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig
-from cnntrain.errors import ConfigError
 
 ROLES = ("ps", "chief", "worker", "evaluator")
 PS, CHIEF, WORKER, EVALUATOR = range(4)  # role codes on the wire
-DEFAULT_START_PORT = 2222  # cifar-tf's examples start their cluster there
 
 
 @dataclass(frozen=True)
@@ -52,93 +50,9 @@ def role_name(role: int, index: int = 0, cluster: Cluster | None = None) -> str:
     return "the evaluator"
 
 
-def _split_host_port(entry: str, option: str, need_port: bool) -> tuple[str, int]:
-    entry = entry.strip()
-    if entry.startswith("["):  # [v6 address]:port
-        host, _, rest = entry[1:].partition("]")
-        port_text = rest.removeprefix(":")
-    elif entry.count(":") == 1:
-        host, port_text = entry.split(":")
-    else:
-        host, port_text = entry, ""
-    if not host or (need_port and not port_text):
-        raise ConfigError(f"{option}: {entry!r} is not host:port")
-    try:
-        port = int(port_text) if port_text else 0
-    except ValueError:
-        raise ConfigError(f"{option}: {entry!r} has no valid port number") from None
-    if not 0 <= port < 65536 or (need_port and port == 0):
-        raise ConfigError(f"{option}: port {port} in {entry!r} is out of range (1..65535)")
-    return host, port
-
-
 def cluster_from_config(cfg: TrainConfig) -> Cluster:
     """The cluster from ``--ps-hosts``/``--worker-hosts`` or ``--ps-count``/``--worker-count``."""
-    if cfg.ps_hosts:
-        ps = tuple(_split_host_port(e, "--ps-hosts", True) for e in cfg.ps_hosts.split(",") if e.strip())
-    else:
-        start = cfg.dist_start_port or DEFAULT_START_PORT
-        ps = tuple(("127.0.0.1", start + i) for i in range(cfg.ps_count))
-    if cfg.worker_hosts:
-        workers = tuple(_split_host_port(e, "--worker-hosts", False)[0]
-                        for e in cfg.worker_hosts.split(",") if e.strip())
-    else:
-        workers = ("127.0.0.1",) * cfg.worker_count
-    if not ps or not workers:
-        raise ConfigError("--strategy async-ps needs the cluster: --ps-hosts h:p,... and --worker-hosts h,... "
-                          "(the chief first), or --ps-count N and --worker-count N for one host")
-    if len(set(ps)) != len(ps):
-        raise ConfigError(f"--ps-hosts lists an address twice: {cfg.ps_hosts}")
-    return Cluster(ps, workers)
-
-
-def validate_async_ps(cfg: TrainConfig) -> None:
-    """Flag combinations of the async-ps section (called from ``config.validate``)."""
-    if cfg.strategy != "async-ps":
-        given = {"role": cfg.role, "ps_hosts": cfg.ps_hosts, "worker_hosts": cfg.worker_hosts, "ps_count": cfg.ps_count,
-                 "worker_count": cfg.worker_count, "evaluator": cfg.evaluator, "max_staleness": cfg.max_staleness >= 0}
-        for name, value in given.items():
-            if value:
-                flag = "--ps" if name == "ps_count" else f"--{name.replace('_', '-')}"
-                raise ConfigError(f"{flag} belongs to --strategy async-ps (add it, or drop {flag})")
-        return
-    if cfg.ps_hosts and cfg.ps_count:
-        raise ConfigError("give the parameter servers once: --ps-hosts or --ps-count, not both")
-    if cfg.worker_hosts and cfg.worker_count:
-        raise ConfigError("give the workers once: --worker-hosts or --worker-count, not both")
-    if cfg.ps_count < 0 or cfg.worker_count < 0:
-        raise ConfigError("--ps-count and --worker-count must be positive")
-    if cfg.max_staleness < -1:
-        raise ConfigError(f"--max-staleness must be >= 0 (or -1: off), got {cfg.max_staleness}")
-    unsupported = {"ema_decay": cfg.ema_decay != 0, "lookahead": cfg.lookahead != 0, "sync_bn": cfg.sync_bn,
-                   "accum_steps": cfg.accum_steps != 1, "grad_compression": cfg.grad_compression != "none",
-                   "partial_update": cfg.partial_update, "profile": cfg.profile != "none"}
-    for name, used in unsupported.items():
-        if used:
-            raise ConfigError(f"--{name.replace('_', '-')} is not supported with --strategy async-ps "
-                              f"(it belongs to synchronous training)")
-    if not cfg.role:
-        return  # the local launcher checks its own counts
-    cluster = cluster_from_config(cfg)
-    if cfg.role == "ps":
-        if cfg.ps_index < 0:
-            raise ConfigError(f"--role ps needs --ps-index i (0..{cluster.num_ps - 1})")
-        if cfg.ps_index >= cluster.num_ps:
-            raise ConfigError(f"--ps-index {cfg.ps_index} is out of range: the cluster has {cluster.num_ps} ps "
-                              f"(0..{cluster.num_ps - 1})")
-    elif cfg.ps_index >= 0:
-        raise ConfigError(f"--ps-index belongs to --role ps, not --role {cfg.role}")
-    if cfg.role == "worker":
-        if cfg.worker_index < 0:
-            raise ConfigError(f"--role worker needs --worker-index i (1..{cluster.num_workers - 1}; "
-                              f"worker 0 is the chief)")
-        if cfg.worker_index == 0:
-            raise ConfigError("--worker-index 0 is the chief: start it with --role chief")
-        if cfg.worker_index >= cluster.num_workers:
-            raise ConfigError(f"--worker-index {cfg.worker_index} is out of range: the cluster has "
-                              f"{cluster.num_workers} workers, the chief included (1..{cluster.num_workers - 1})")
-    elif cfg.worker_index >= 0:
-        raise ConfigError(f"--worker-index belongs to --role worker, not --role {cfg.role}")
+    return Cluster(*cfg.async_ps.cluster_addresses())
 
 
 # Options that may differ between the roles of one job (paths, speed, logging, who is who).
