@@ -26,7 +26,7 @@ from cnntrain.config import build_config
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.models.registry import create_model_for
 from cnntrain.parallel.env import detect_launch
-from cnntrain.parallel.strategy import DataParallel
+from cnntrain.parallel.strategy import make_strategy
 from tests.dist_tasks import gather_list, report_from_every_rank
 
 STEPS = 6
@@ -50,7 +50,7 @@ def run_ddp(rank: int, **options) -> dict:
     """``STEPS`` SGD steps of LeNet under DDP with ``options``; tracks the dense local gradients
     (on a plain copy of the model) next to the updates DDP applied."""
     cfg = build_config(dataset="synthetic", model="lenet", threads=1, bucket_mb=0.05, **options)
-    strategy = DataParallel(cfg, detect_launch())
+    strategy = make_strategy(cfg, detect_launch())
     strategy.backend = "gloo"
     torch.manual_seed(100 + rank)  # different start per rank: wrapping must make them equal
     model = create_model_for("lenet", 10, (1, 28, 28))
@@ -72,12 +72,12 @@ def run_ddp(rank: int, **options) -> dict:
         opt.zero_grad()
     out = {"weights": flat(params), "dense_sum": dense_sum, "applied_sum": applied_sum,
            "most_nonzero": most_nonzero, "stats": strategy.comm_stats()}
-    state = strategy._sparse
+    state = strategy._hook_state
     if state is not None:
         out["residual"] = flat(state.residuals[p] for p in params)
         out["buckets"] = len(wrapped._get_ddp_logging_data()["rebuilt_bucket_sizes"].split(","))
     # DDP objects alive at destroy_process_group make gloo abort at exit (torch 2.14).
-    strategy._ddp = strategy._sparse = None
+    strategy.release()
     del wrapped
     gc.collect()
     return out
@@ -102,7 +102,7 @@ def partial_report(rank: int) -> dict:
     """``--partial-update`` with 4 chunks: after step s exactly chunk s % 4 agrees across ranks
     (the others drift apart); after ``synchronize`` everything does."""
     cfg = build_config(dataset="synthetic", model="lenet", threads=1, partial_update=True, compression_ratio=0.25)
-    strategy = DataParallel(cfg, detect_launch())
+    strategy = make_strategy(cfg, detect_launch())
     strategy.backend = "gloo"
     torch.manual_seed(100 + rank)
     model = create_model_for("lenet", 10, (1, 28, 28))
@@ -111,7 +111,7 @@ def partial_report(rank: int) -> dict:
     params = list(model.parameters())
     report = {"equal_after_wrap": ranks_equal(flat(params)), "chunk_equal": [], "others_differ": []}
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    averager = strategy._partial
+    averager = strategy._averager
     (group,) = averager.groups
     total = sum(t.numel() for t in group)
     for step, (x, y) in enumerate(batches(rank, 4)):
@@ -126,7 +126,7 @@ def partial_report(rank: int) -> dict:
     strategy.synchronize()
     report["equal_after_sync"] = ranks_equal(flat(params))
     report["stats"] = strategy.comm_stats()
-    strategy._partial = None
+    strategy.release()
     return report
 
 
@@ -150,14 +150,14 @@ def nan_report() -> dict:
     rank = dist.get_rank()
     cfg = build_config(dataset="synthetic", model="lenet", threads=1, bucket_mb=0.05, grad_compression="topk",
                        compression_ratio=0.05)
-    strategy = DataParallel(cfg, detect_launch())
+    strategy = make_strategy(cfg, detect_launch())
     strategy.backend = "gloo"
     torch.manual_seed(100 + rank)
     model = create_model_for("lenet", 10, (1, 28, 28))
     wrapped = strategy.wrap_model(model)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.05)
-    state = strategy._sparse
+    state = strategy._hook_state
     finite, before, restored = [], None, None
     for step, (x, y) in enumerate(batches(rank, STEPS)):
         if step == 2 and rank == 1:
@@ -177,15 +177,15 @@ def nan_report() -> dict:
     report = {"finite": finite, "restored": restored,
               "remainder_finite": bool(torch.isfinite(state.remainder_of(params)).all()),
               "weights_finite": bool(torch.isfinite(flat(params)).all()), "ranks_equal": ranks_equal(flat(params))}
-    strategy._ddp = strategy._sparse = None  # see run_ddp
+    strategy.release()  # see run_ddp
     del wrapped
     gc.collect()
     return report
 
 
-class CheckedDataParallel(DataParallel):
-    """DataParallel that, before tearing down, checks every rank's final weights against the
-    newest checkpoint (written by rank 0)."""
+class CheckpointCheck:
+    """Mixed into a strategy: before tearing down, it checks every rank's final weights against
+    the newest checkpoint (written by rank 0)."""
 
     matches_checkpoint: bool | None = None
 
@@ -203,6 +203,12 @@ class CheckedDataParallel(DataParallel):
                                                                         for k, v in mine.items()))])
             self.matches_checkpoint = all(bool(t) for t in gather_list(same))
         super().teardown()
+
+
+def checked_strategy(cfg, launch):
+    """The strategy ``make_strategy`` picks for ``cfg``, with ``CheckpointCheck`` mixed in."""
+    cls = type(make_strategy(cfg, launch))
+    return type(f"Checked{cls.__name__}", (CheckpointCheck, cls), {})(cfg, launch)
 
 
 # CIFAR-format files of faint patterns (tests.fixtures.faint_cifar_arrays, 4000 + 1000 images):
@@ -226,7 +232,7 @@ def accuracy_report(root: str, data_dir: str, ports: list[int]) -> dict:
     for i, (name, options) in enumerate(MODES.items()):
         cfg = build_config(**ACCURACY, **options, data_dir=data_dir, run_dir=os.path.join(root, name))
         # A fresh rendezvous per run (each train() ends its process group), on a port of its own.
-        strategy = CheckedDataParallel(cfg, dataclasses.replace(launch, master_port=ports[i]))
+        strategy = checked_strategy(cfg, dataclasses.replace(launch, master_port=ports[i]))
         result = train(cfg, strategy)
         entry = {"final_top1": result.final_top1, "every_rank_equals_checkpoint": strategy.matches_checkpoint,
                  **{k: result.summary.get(k) for k in ("comm_bytes_per_step", "dense_bytes_per_step", "compression",

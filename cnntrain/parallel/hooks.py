@@ -1,4 +1,4 @@
-"""Gradient exchange pieces used by ``DataParallel``: DDP communication hooks for compressed
+"""Gradient exchange pieces used by the DDP strategies (``ddp.py``): DDP communication hooks for compressed
 all-reduce, and the after-backward coalesced all-reduce of ``--no-overlap``.
 
     cnntrain train ... --grad-compression fp16      # DDP buckets cast to fp16 on the wire
