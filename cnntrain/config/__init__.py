@@ -38,9 +38,4 @@ from cnntrain.config.train import CHOICES, OPTIONS, SECTION_OF, SECTIONS, TrainC
 __all__ = ["CHOICES", "DATASET_DEFAULTS", "DEVICE_ALIASES", "OPTIONS", "RECIPE_DIR", "SECTIONS", "SECTION_OF",
            "AsyncPsConfig", "ComputeConfig", "DataConfig", "FrozenDict", "NetConfig", "OptimConfig", "RunConfig",
            "SyncConfig", "TrainConfig", "build_config", "config_field_names", "config_from_dict", "flatten_sections",
-           "load_recipe", "recipe_path", "save_config", "validate"]
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Check ``cfg`` again. A built config already is; kept for callers written before it was."""
-    cfg.replace()
+           "load_recipe", "recipe_path", "save_config"]
