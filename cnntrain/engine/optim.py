@@ -73,6 +73,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     return cls(groups, lr=cfg.lr, foreach=not fused, fused=fused or None)
 
 
+def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """``--lr`` after the linear scaling rule (``--scale-lr B``: times global batch / B)."""
+    return cfg.lr * (global_batch / cfg.scale_lr if cfg.scale_lr else 1.0)
+
+
 def lr_at(step: int, cfg: TrainConfig, base_lr: float, steps_per_epoch: int, total_steps: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): warm-up, then the schedule.
 
