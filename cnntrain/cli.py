@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", metavar="RUN_DIR", help="score each new checkpoint of a run into its metrics.csv; "
                    "exit when the run writes summary.json")
     p.add_argument("--poll", type=float, default=10.0, help="--watch: seconds between looks")
+    p.add_argument("--timeout", type=float, default=0.0,
+                   help="--watch: give up (exit 1) when no new checkpoint appears for this many seconds (0: never)")
     p.add_argument("--data-dir", help="where the data set is (default: as trained)")
     p.add_argument("--batch-size", "-b", type=int)
     p.add_argument("--device", "-c", choices=(*CHOICES["device"], *DEVICE_ALIASES))
@@ -152,16 +154,17 @@ def _add_tool_parsers(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cnntrain.engine.trainer import train
+    from cnntrain.api import train
 
     options = {name: getattr(args, name) for name in config_field_names()}
     cfg = build_config(args.recipe, **options)  # bad flags fail here, before any worker starts
     if cfg.strategy == "async-ps":
-        from cnntrain.parallel.ps import train_async_ps
+        from cnntrain.parallel.ps.roles import train_async_ps
 
         return train_async_ps(cfg, args)
     if args.nproc_per_node:
-        from cnntrain.parallel.launch import is_launcher_child, launch_local, strip_launch_flags
+        from cnntrain.parallel.env import is_launcher_child
+        from cnntrain.parallel.launch import launch_local, strip_launch_flags
 
         if is_launcher_child():
             raise ConfigError("--nproc-per-node inside a job started by torchrun/mpirun/srun: drop one launcher")
@@ -190,8 +193,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"step {step}: top-1 {100 * r.top1:.2f}% +- {100 * r.top1_stderr:.2f}  top-5 {100 * r.top5:.2f}%  "
                   f"loss {r.loss:.4f} ({r.count} images)", flush=True)
 
-        watch(args.watch, poll=args.poll, on_result=show, data_dir=args.data_dir, batch_size=args.batch_size,
-              device=args.device, verify=args.verify)
+        watch(args.watch, poll=args.poll, timeout=args.timeout, on_result=show, data_dir=args.data_dir,
+              batch_size=args.batch_size, device=args.device, verify=args.verify)
         return 0
     if not args.checkpoint:
         raise ConfigError("cnntrain eval needs --checkpoint (or --watch RUN_DIR)")

@@ -124,6 +124,8 @@ class OptimConfig(Section):
     larc_mode: str = option("none", "none | clip | scale", choices=("none", "clip", "scale"))
     larc_eta: float = option(0.003, "LARC trust coefficient: a layer's local lr is eta * |w| / (|g| + eps)")
     larc_eps: float = option(1e-8, "LARC: added to the gradient norm so that a zero gradient does not divide by 0")
+    larc_bn_bias: bool = option(False, "apply LARC to biases and normalisation parameters too (nvcnn leaves "
+                                       "them out)")
 
     def validate(self) -> None:
         _positive(self, "batch_size", "accum_steps")

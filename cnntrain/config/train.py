@@ -138,10 +138,13 @@ def _validate_across_sections(cfg: TrainConfig) -> None:
     if cfg.sync_bn and cfg.device == "cpu":
         raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel): "
                           "drop --sync-bn on CPU")
-    if cfg.strategy == "async-ps":  # its roles run their own loop, without these
+    if cfg.strategy == "async-ps":
+        # The weights live on the ps and change under the workers: an average of them (EMA, lookahead)
+        # or an exchange between workers has nothing to act on. Accumulation, clipping, LARC,
+        # --norm-lr-scale and timed parameter groups work (the step and the ps's optimizer do them).
         sync_only = {"ema_decay": cfg.ema_decay != 0, "lookahead": cfg.lookahead != 0, "sync_bn": cfg.sync_bn,
-                     "accum_steps": cfg.accum_steps != 1, "grad_compression": cfg.grad_compression != "none",
-                     "partial_update": cfg.partial_update, "profile": cfg.profile != "none"}
+                     "grad_compression": cfg.grad_compression != "none", "partial_update": cfg.partial_update,
+                     "profile": cfg.profile != "none"}
         for name, used in sync_only.items():
             if used:
                 raise ConfigError(f"{flag(name)} is not supported with --strategy async-ps "

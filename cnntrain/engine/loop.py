@@ -64,11 +64,13 @@ class TrainLoop:
 
     def __init__(self, *, cfg, data, strategy: Strategy, state: TrainState, parts: StepParts, train_loader,
                  val_loader, eval_model, run_dir: Path, cadence: Cadence, base_lr: float, meta: dict,
-                 run_facts: dict[str, Any], resumed: bool, callbacks: CallbackList) -> None:
+                 run_facts: dict[str, Any], resumed: bool, callbacks: CallbackList, run_id: str | None = None,
+                 lock=None) -> None:
         self.cfg, self.data, self.strategy, self.state, self.parts = cfg, data, strategy, state, parts
         self.train_loader, self.val_loader, self.eval_model = train_loader, val_loader, eval_model
         self.run_dir, self.cadence, self.base_lr, self.meta = run_dir, cadence, base_lr, meta
         self.run_facts, self.resumed, self.callbacks = run_facts, resumed, callbacks
+        self.run_id, self.lock = run_id, lock  # this run's id in checkpoint manifests; the run folder's lock
         self.steps_per_epoch, self.total_steps = cadence.steps_per_epoch, cadence.total_steps
         self.is_main = strategy.is_main
         self.lr = self.lr_at(state.step)
@@ -179,7 +181,8 @@ class TrainLoop:
                                                window=window, **self.run_facts)
             folder = self.run_dir / "checkpoints"
             self.callbacks.on_save_checkpoint(self, payload, folder / f"step-{self.state.step:08d}.pt")
-            path = ckpt.save_checkpoint(payload, folder, self.state.step, keep_last=self.cfg.keep_last, best=best)
+            path = ckpt.save_checkpoint(payload, folder, self.state.step, keep_last=self.cfg.keep_last, best=best,
+                                        run_id=self.run_id)
             self.callbacks.on_checkpoint(self, path)
         self.last_save = time.perf_counter()
         self.save_due = False

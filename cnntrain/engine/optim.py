@@ -58,7 +58,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, nor
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     """SGD (optionally Nesterov), Adam or AdamW over ``param_groups``; multi-tensor kernels."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.norm_lr_scale,
-                          getattr(cfg, "larc_bn_bias", False))
+                          cfg.larc_bn_bias)
     if cfg.larc_mode != "none":
         # LARC needs the decayed gradient (g + wd * w), as nvcnn adds the L2 term to the loss; it
         # folds the decay in itself, so the optimizer must not apply it again.

@@ -33,7 +33,7 @@ from cnntrain.engine.optim import build_optimizer, scaled_lr
 from cnntrain.engine.precision import LossScaler
 from cnntrain.engine.profile import make_profiler
 from cnntrain.engine.progress import setup_logging
-from cnntrain.engine.run import Result, finish_run, resolve_run_dir, run_meta
+from cnntrain.engine.run import Result, RunLock, claim_run_dir, finish_run, resolve_run_dir, run_meta
 from cnntrain.engine.state import TrainState
 from cnntrain.engine.step import LocalUpdate, StepParts, Strategy, make_loss_fn
 from cnntrain.errors import ConfigError
@@ -50,9 +50,13 @@ def train(cfg: TrainConfig, strategy: Strategy, callbacks: Iterable[Callback] = 
     strategy.setup()
     try:
         with strategy.guard():  # a failed collective becomes a DistributedError naming rank and op
-            loop = build_loop(cfg, strategy, [*default_callbacks(), *load_callbacks(getattr(cfg, "callbacks", [])), *callbacks])
-            loop.run()
-            return finish(loop)
+            loop = build_loop(cfg, strategy, [*default_callbacks(), *load_callbacks(cfg.callbacks), *callbacks])
+            try:
+                loop.run()
+                return finish(loop)
+            finally:
+                if loop.lock is not None:
+                    loop.lock.release()
     finally:
         strategy.teardown()
 
@@ -98,9 +102,39 @@ def init_from_data(model: nn.Module, data: DataBundle, device: torch.device) -> 
 
 
 def build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback]) -> TrainLoop:
-    device, world, accum = strategy.device, strategy.world_size, cfg.accum_steps
-    data, model = load_model_and_data(cfg, device)
+    """Everything a run needs, restored from a checkpoint when resuming, as a ``TrainLoop``."""
+    data, model = load_model_and_data(cfg, strategy.device)
     run_dir = resolve_run_dir(cfg, _agree_on_time(strategy))
+    lock = _claim(cfg, strategy, run_dir)
+    try:
+        return _build_loop(cfg, strategy, callbacks, data, model, run_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _claim(cfg: TrainConfig, strategy: Strategy, run_dir: Path) -> RunLock | None:
+    """Rank 0 locks the run folder (refusing a used one unless resuming or --overwrite) and tells
+    the other ranks whether it could, so that a refusal ends every rank at once."""
+    lock, refused = None, None
+    if strategy.is_main:
+        try:
+            lock = claim_run_dir(run_dir, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
+        except ConfigError as exc:
+            refused = exc
+    if strategy.world_size > 1:
+        ok = strategy.broadcast_from_main(torch.tensor([refused is None], dtype=torch.int64, device=strategy.device))
+        if not ok.item() and refused is None:
+            raise ConfigError(f"rank 0 could not claim the run folder {run_dir}: see its error")
+    if refused is not None:
+        raise refused
+    return lock
+
+
+def _build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback], data: DataBundle,
+                model: nn.Module, run_dir: Path, lock: RunLock | None) -> TrainLoop:
+    device, world, accum = strategy.device, strategy.world_size, cfg.accum_steps
     train_loader, val_loader = build_loaders(cfg, data, device, strategy.rank, world,
                                              local_world_size=strategy.local_world_size)
     # An optimizer step takes --accum-steps micro-batches; an epoch's leftover micro-batches are skipped.
@@ -111,6 +145,8 @@ def build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback]) 
     total_steps = round(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.max_steps
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     resume_path, payload = ckpt.resolve_resume(cfg.resume, run_dir), None
+    # Pruning touches only this run's checkpoints; a resumed run carries on its predecessor's id.
+    run_id = (ckpt.run_id_of(resume_path) if resume_path is not None else None) or ckpt.new_run_id()
     if resume_path is None:
         init_from_data(model, data, device)  # before the lookahead copies the weights
     state = _new_state(cfg, model, device, total_steps)
@@ -136,7 +172,7 @@ def build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback]) 
                      val_loader=val_loader, eval_model=state.ema if state.ema is not None else wrapped,
                      run_dir=run_dir, cadence=cadence, base_lr=scaled_lr(cfg, global_batch),
                      meta=run_meta(cfg, data), run_facts={"global_batch": global_batch, "world_size": world},
-                     resumed=resume_path is not None, callbacks=CallbackList(callbacks))
+                     resumed=resume_path is not None, callbacks=CallbackList(callbacks), run_id=run_id, lock=lock)
     if payload is not None:
         loop.callbacks.on_load_checkpoint(loop, payload)
     _log_start(loop, model)

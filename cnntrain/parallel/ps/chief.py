@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -27,7 +26,7 @@ from cnntrain.engine.metrics import MetricsLog, TrainWindow
 from cnntrain.engine.optim import lr_at, scaled_lr
 from cnntrain.engine.precision import LossScaler
 from cnntrain.engine.progress import Progress
-from cnntrain.engine.run import Result, finish_run, resolve_run_dir, run_meta
+from cnntrain.engine.run import Result, claim_run_dir, finish_run, resolve_run_dir, run_meta
 from cnntrain.engine.state import TrainState
 from cnntrain.engine.step import StepOutcome
 from cnntrain.engine.trainer import init_from_data
@@ -84,7 +83,9 @@ class Chief:
         cfg, model, state = self.cfg, self.model, self.state
         stamp = int(time.time())
         self.run_dir = resolve_run_dir(cfg, stamp)
+        self.lock = claim_run_dir(self.run_dir, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
         resume_path = ckpt.resolve_resume(cfg.resume, self.run_dir)
+        self.run_id = (ckpt.run_id_of(resume_path) if resume_path is not None else None) or ckpt.new_run_id()
         if resume_path is None:
             init_from_data(model, self.data, self.device)
         else:
@@ -210,12 +211,13 @@ class Chief:
                                            epoch=version / self.steps_per_epoch,
                                            global_batch=self.cfg.batch_size * self.cfg.accum_steps,
                                            world_size=self.cluster.num_workers)
-        folder = self.run_dir / "checkpoints"
-        ckpt.save_checkpoint(payload, folder, version, keep_last=0, best=best)
+        # With an evaluator connected, a checkpoint it has not scored yet is kept.
+        scored = st.scored_step if st.evaluator else None
+        ckpt.save_checkpoint(payload, self.run_dir / "checkpoints", version, keep_last=self.cfg.keep_last, best=best,
+                             run_id=self.run_id, protect=lambda step: scored is not None and step > scored)
         self.saved_step = version
         if version not in self.saved_steps:
             self.saved_steps.append(version)
-        prune_scored(folder, self.cfg.keep_last, st.scored_step if st.evaluator else None)
 
     def _evaluate(self, version: int) -> EvalResult | None:
         if self.val_loader is None:
@@ -273,6 +275,7 @@ class Chief:
                  100 * self.state.best_top1,
                  self.run_dir)
         self.client.finish()
+        self.lock.release()
         return Result(self.run_dir, self.state.best_top1, summary["final_top1"] or 0.0, version, seconds,
                       summary["img_per_s"], summary)
 
@@ -280,14 +283,3 @@ class Chief:
 def _trim(hist: list[int]) -> list[int]:
     last = max((i for i, c in enumerate(hist) if c), default=-1)
     return hist[:last + 1]
-
-
-def prune_scored(folder: Path, keep_last: int, scored_step: int | None) -> None:
-    """Keep the newest ``keep_last`` step checkpoints; with an evaluator, also every one it has not
-    scored yet (``scored_step``: the newest it has scored)."""
-    if keep_last <= 0:
-        return
-    for step, path in ckpt.list_checkpoints(folder)[:-keep_last]:
-        if scored_step is None or step <= scored_step:
-            path.unlink(missing_ok=True)
-            ckpt.manifest_path(path).unlink(missing_ok=True)

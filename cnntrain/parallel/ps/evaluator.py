@@ -12,7 +12,6 @@ exits (also when the run had already finished before it could connect).
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from cnntrain.data.datasets import load_data
 from cnntrain.data.loaders import build_eval_loader
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import evaluate
-from cnntrain.engine.metrics import COLUMNS
+from cnntrain.engine.metrics import append_row_once
 from cnntrain.engine.run import resolve_run_dir
 from cnntrain.engine.trainer import build_model
 from cnntrain.errors import CheckpointError, ConfigError
@@ -36,12 +35,6 @@ from cnntrain.parallel.ps.transport import GaveUp
 
 log = logging.getLogger("cnntrain")
 POLL_SECONDS = 0.5
-
-
-def append_row(path: Path, **row) -> None:
-    # One short append: O_APPEND keeps it whole while the chief appends its own rows.
-    with open(path, "a", newline="") as f:
-        csv.writer(f).writerow([row.get(c, "") for c in COLUMNS])
 
 
 class _Scorer:
@@ -67,19 +60,38 @@ class _Scorer:
             except CheckpointError as exc:
                 if not path.exists():  # pruned meanwhile (only when the evaluator joined late)
                     continue
-                log.debug("not yet: %s", exc)
-                break
+                if not self._written_after(run_dir, step):
+                    log.debug("not yet: %s", exc)
+                    break  # still being written: score it on the next pass
+                # A later checkpoint is complete, so this one never will be: skip it (the chief keeps
+                # every checkpoint the evaluator has not scored, so waiting would fill the disk).
+                log.warning("evaluator: skipping %s", exc)
+                self.done[step] = float("nan")
+                scored.append(step)
+                continue
             self.model.load_state_dict(state["model"])
             result = evaluate(self.model, self.loader.iterate(0), self.data.num_classes, precision=self.cfg.precision,
                               device=self.device, tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate)
             self.done[step] = result.top1
-            append_row(run_dir / "metrics.csv", step=step, epoch=f"{state.get('epoch', 0):.6g}", split="eval",
-                       loss=f"{result.loss:.6g}", top1_err=f"{result.top1_err:.6g}",
-                       top5_err=f"{result.top5_err:.6g}", elapsed_s=f"{state.get('elapsed', 0):.6g}")
+            append_row_once(run_dir / "metrics.csv", step=step, epoch=f"{state.get('epoch', 0):.6g}", split="eval",
+                            loss=f"{result.loss:.6g}", top1_err=f"{result.top1_err:.6g}",
+                            top5_err=f"{result.top5_err:.6g}", elapsed_s=f"{state.get('elapsed', 0):.6g}")
             log.info("evaluator: update %d (epoch %.2f): top-1 %.2f%% +- %.2f, loss %.4f (%d images)", step,
                      state.get("epoch", 0), 100 * result.top1, 100 * result.top1_stderr, result.loss, result.count)
             scored.append(step)
         return scored
+
+    @staticmethod
+    def _written_after(run_dir: Path, step: int) -> bool:
+        """Whether a checkpoint after ``step`` is complete (checkpoints are written in step order)."""
+        for later, path in ckpt.list_checkpoints(run_dir / "checkpoints"):
+            if later > step:
+                try:
+                    ckpt.verify_checkpoint(path)
+                    return True
+                except CheckpointError:
+                    continue
+        return False
 
 
 def run_evaluator(cfg: TrainConfig, cluster: Cluster) -> list[tuple[int, float]]:

@@ -114,11 +114,15 @@ def _train(cfg: TrainConfig, cluster: Cluster, strategy: PsWorker, index: int, m
     params = [p for p in model.parameters() if p.requires_grad]
     parts = StepParts(torch.compile(model) if cfg.compile else model, params, make_loss_fn(cfg.label_smoothing),
                       scaler, strategy, None, cfg.precision, cfg.accum_steps, cfg.grad_clip)
-    started, computed = time.perf_counter(), _run(parts, loader, updates_per_pass, strategy, chief, me)
-    seconds = time.perf_counter() - started
-    log.info("%s: training over at update %d; computed %d gradients in %.1f s (%.2f/s)", me, strategy.version,
-             computed, seconds, computed / max(seconds, 1e-9))
-    return chief.finish() if chief is not None else None
+    try:
+        started, computed = time.perf_counter(), _run(parts, loader, updates_per_pass, strategy, chief, me)
+        seconds = time.perf_counter() - started
+        log.info("%s: training over at update %d; computed %d gradients in %.1f s (%.2f/s)", me, strategy.version,
+                 computed, seconds, computed / max(seconds, 1e-9))
+        return chief.finish() if chief is not None else None
+    finally:
+        if chief is not None:
+            chief.lock.release()  # also when training failed: the run folder is free again
 
 
 def _run(parts: StepParts, loader, updates_per_pass: int, strategy: PsWorker, chief: Chief | None, me: str) -> int:
