@@ -1,8 +1,12 @@
 """The links of one chief, worker or evaluator to the parameter servers, and the requests it makes.
 
-A lost ps ends this process with a ``DistributedError`` naming that ps; before exiting it tells
-the other ps (ABORT), so every role of the job learns which process died. A FAILED reply ends it
-naming the process the ps reports dead.
+Each link starts with the HELLO: who this is, the config fingerprint and the cluster's shape, and
+the proof that this process holds the job's ps token (``protocol.proof`` over the ps's nonce; the
+token is ``ps_token`` in the config, else ``$CNNTRAIN_PS_TOKEN``, else none on every role).
+
+A lost ps ends this process with a ``DistributedError`` naming that ps; before exiting the chief
+tells the other ps (ABORT), so every role of the job learns which process died. A FAILED reply ends
+it naming the process the ps reports dead, a REFUSED reply naming what the ps refused.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from cnntrain.config import TrainConfig
 from cnntrain.errors import DistributedError
 from cnntrain.parallel.ps import protocol as P
 from cnntrain.parallel.ps.cluster import (
+    CHIEF,
     EVALUATOR,
     PS,
     Cluster,
@@ -70,8 +75,10 @@ def local_address(host: str, port: int) -> str:
 
 class PsClient:
     def __init__(self, cfg: TrainConfig, cluster: Cluster, role: int, index: int,
-                 ps_indices: list[int] | None = None) -> None:
+                 ps_indices: list[int] | None = None, *, token: str | None = None) -> None:
+        """``token``: the job's ps token (default: ``ps_token`` in ``cfg``, else ``$CNNTRAIN_PS_TOKEN``)."""
         self.cfg = cfg
+        self.token = P.job_token(cfg) if token is None else token
         self.cluster = cluster
         self.role = role
         self.index = index
@@ -101,8 +108,10 @@ class PsClient:
             except LinkError as exc:
                 raise DistributedError(f"{self.me}: {exc}") from None
             self.links[k] = link
-            reply = self._request(k, Message(P.HELLO, (self.role, self.index, config_fingerprint(self.cfg),
-                                                       self.cluster.num_workers, self.cluster.num_ps, k)))
+            identity = (self.role, self.index, config_fingerprint(self.cfg), self.cluster.num_workers,
+                        self.cluster.num_ps, k)
+            hello = Message(P.HELLO, (*identity, *P.proof(self.token, link.nonce, identity)))
+            reply = self._request(k, hello, refused_is_error=False)
             if reply.op == P.REFUSED:
                 raise DistributedError(f"{self.me}: {name} refused the connection: {self._refusal(reply, k)}")
             link.start_heartbeat(Message(P.PING))
@@ -120,15 +129,32 @@ class PsClient:
                     f"this process to {self.cluster.num_workers} and {self.cluster.num_ps}")
         if reason == P.WRONG_PS:
             return f"it is ps {int(reply.numbers[1])}, not ps {k}: --ps-hosts lists them in another order there"
+        if reason == P.BAD_TOKEN:
+            return (f"bad token: every role of the job needs the same ps token (ps_token in the config, or "
+                    f"${P.TOKEN_ENV}; a job started by one command makes its own)")
+        if reason == P.BUSY:
+            return f"it serves {int(reply.numbers[1])} links already (the most it takes); try again later"
+        if reason == P.BAD_MESSAGE:
+            return self._problem(reply)
         return f"{role_name(self.role, self.index)} is already connected (a second process with the same index?)"
 
-    def _request(self, k: int, msg: Message, *, check: bool = True) -> Message:
+    @staticmethod
+    def _problem(reply: Message) -> str:
+        detail = int(reply.numbers[1]) if len(reply.numbers) > 1 else -1
+        return P.PROBLEMS[detail] if 0 <= detail < len(P.PROBLEMS) else "a malformed message"
+
+    def _request(self, k: int, msg: Message, *, check: bool = True, refused_is_error: bool = True) -> Message:
         try:
             reply = self.links[k].request(msg)
         except LinkError as exc:
             self._abort_others(k)
             raise DistributedError(f"{self.me}: {self.cluster.ps_name(k)} died or is unreachable "
                                    f"({str(exc).split(': ', 1)[-1]}); stopping") from None
+        if refused_is_error and reply.op == P.REFUSED:
+            self.links[k].close()
+            why = self._problem(reply) if reply.numbers and int(reply.numbers[0]) == P.BAD_MESSAGE else "refused"
+            raise DistributedError(f"{self.me}: {self.cluster.ps_name(k)} refused a {P.REQUEST_NAMES.get(msg.op)} "
+                                   f"request from this process ({why}) and closed the link; stopping")
         if check and reply.op == P.FAILED:
             role, index, cause = (int(v) for v in reply.numbers[:3])
             who = role_name(role, index, self.cluster)
@@ -140,7 +166,10 @@ class PsClient:
         return reply
 
     def _abort_others(self, dead: int) -> None:
-        """Tell the other ps that ps ``dead`` is gone (best effort), so every role stops naming it."""
+        """As the chief, tell the other ps that ps ``dead`` is gone (best effort), so every role stops
+        naming it (only the chief may end the job this way; the others learn it from the ps)."""
+        if self.role != CHIEF:
+            return
         for k, link in self.links.items():
             if k != dead:
                 with contextlib.suppress(LinkError):

@@ -24,12 +24,23 @@ One thread serves each link. A link that breaks is a lost worker (logged; the ot
 same index may connect again) unless it is the chief's, which ends the job: every later request
 is answered FAILED, and the ps exits with a ``DistributedError`` once its clients have gone (or
 ``--dist-timeout`` has passed). After the chief's FINISH it answers DONE and exits the same way.
+
+No peer is trusted (README, "Threat model"). A link must prove the job's token in its HELLO
+(``protocol.proof``) before a thread serves it, at most ``LINKS_PER_PROCESS`` x (workers + 2)
+links are served at once, and every request is checked before its tensors are read: the op
+against the sender's role (``protocol.RULES``), its numbers, each tensor's type and exact length
+against the shard, then the values (finite, and a gradient no larger than
+``protocol.MAX_GRADIENT``). A message that breaks a rule is refused (REFUSED, then the link is
+closed) with one warning naming the peer; nothing of it is applied, and the job goes on (unless
+the sender was the chief, whose loss always ends it).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,10 +59,55 @@ from cnntrain.parallel.ps.cluster import (
     config_fingerprint,
     role_name,
 )
-from cnntrain.parallel.ps.store import ShardStore
-from cnntrain.parallel.ps.transport import LinkError, Listener, Message, Peer
+from cnntrain.parallel.ps.store import ShardLayout, ShardStore
+from cnntrain.parallel.ps.transport import (
+    MAX_NUMEL,
+    BadMessage,
+    LinkError,
+    Listener,
+    Message,
+    Peer,
+    check_values,
+    show_specs,
+    whole,
+)
 
 log = logging.getLogger("cnntrain")
+LINKS_PER_PROCESS = 4  # links served at once per process of the job (room for reconnects)
+WARN_BURST, WARN_WINDOW_S = 50, 10.0  # warnings about peers printed one by one per window, then counted
+
+
+class _Warnings:
+    """Warnings about peers: ``WARN_BURST`` per ``WARN_WINDOW_S`` one by one, the rest counted, so a
+    flood of bad links cannot fill the log."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._since = time.monotonic()
+        self._shown = self._hidden = 0
+
+    def __call__(self, text: str) -> None:
+        with self._lock:
+            self._roll()
+            if self._shown < WARN_BURST:
+                self._shown += 1
+                log.warning("%s: %s", self.name, text)
+            else:
+                self._hidden += 1
+
+    def flush(self) -> None:
+        with self._lock:
+            self._roll()
+
+    def _roll(self) -> None:
+        now = time.monotonic()
+        if now - self._since < WARN_WINDOW_S:
+            return
+        if self._hidden:
+            log.warning("%s: %d more refusals in the last %.0f s, not printed one by one", self.name, self._hidden,
+                        now - self._since)
+        self._since, self._shown, self._hidden = now, 0, 0
 
 
 @dataclass
@@ -69,13 +125,16 @@ class Client:
 
 
 class ParameterServer:
-    def __init__(self, cfg: TrainConfig, cluster: Cluster, index: int) -> None:
+    def __init__(self, cfg: TrainConfig, cluster: Cluster, index: int, *, max_links: int | None = None) -> None:
         self.cfg = cfg
         self.cluster = cluster
         self.index = index
         self.name = cluster.ps_name(index)
         self.timeout = cfg.dist_timeout
         self.fingerprint = config_fingerprint(cfg)
+        self.token = P.job_token(cfg)
+        self.max_links = max_links or LINKS_PER_PROCESS * (cluster.num_workers + 2)
+        self.warn = _Warnings(self.name)
         self.cond = threading.Condition()
         self.version = 0
         self.total_steps = 0
@@ -85,6 +144,7 @@ class ParameterServer:
         self.failed_at: float | None = None
         self.run_stamp = 0
         self.clients: dict[int, Client] = {}  # open links by link number
+        self.links = 0  # links with a serving thread (at most max_links)
         self.opening = 0  # links accepted whose HELLO is not answered yet (the ps waits for them too)
         self.workers_alive = [False] * cluster.num_workers
         self.joins = [0] * cluster.num_workers
@@ -102,33 +162,44 @@ class ParameterServer:
     def serve(self) -> dict:
         """Accept links until training is over and every client has gone; raise if the job failed."""
         host, port = self.cluster.ps[self.index]
-        listener = Listener(host, port, self.timeout, self.name)
+        listener = Listener(host, port, self.timeout, self.name, max_pending=4 * self.max_links, warn=self.warn)
         log.info("%s: listening (%d workers, %s)", self.name, self.cluster.num_workers,
                  f"max staleness {self.cfg.max_staleness}" if self.cfg.max_staleness >= 0 else "staleness unbounded")
-        started = time.monotonic()
+        if not self.token:
+            log.warning("%s: no ps token (ps_token / $%s): a link proves only the training options, so any process "
+                        "that can reach %s:%d can join; give every role the same token to require it", self.name,
+                        P.TOKEN_ENV, host, port)
+        started = last_report = time.monotonic()
+        dropped = 0
         threads: list[threading.Thread] = []
         try:
             while True:
-                peer = listener.accept()
+                peer = listener.accept(wait=0.02)
                 if peer is not None:
-                    with self.cond:
-                        self.opening += 1
-                    threads.append(threading.Thread(target=self._serve_link, args=(peer,), name=f"link {peer.number}",
-                                                    daemon=True))
-                    threads[-1].start()
+                    thread = self._admit_link(peer)
+                    if thread is not None:
+                        threads.append(thread)
                     continue
+                now = time.monotonic()
+                if now - last_report >= WARN_WINDOW_S:
+                    if listener.dropped > dropped:
+                        log.warning("%s: %d connection(s) closed, went quiet or were pushed out by newer ones before "
+                                    "their HELLO in the last %.0f s (the last from %s)", self.name,
+                                    listener.dropped - dropped, now - last_report, listener.last_dropped)
+                        dropped = listener.dropped
+                    self.warn.flush()
+                    threads = [t for t in threads if t.is_alive()]
+                    last_report = now
                 with self.cond:
-                    now = time.monotonic()
                     if not self.chief_seen and self.failure is None and now - started > self.timeout:
                         self._fail(CHIEF, 0, P.NEVER_CONNECTED, "")
                     ended = self.failed_at if self.failure is not None else self.finished_at
-                    gone = not self.clients and not self.opening
+                    gone = not self.clients and not self.opening and not listener.handshaking
                     if ended is not None and (gone or now - ended > self.timeout):
                         break
-                time.sleep(0.02)
         finally:
             listener.close()
-            for thread in threads:  # let finished links drop their gloo pairs before the interpreter exits
+            for thread in threads:  # let finished links close their sockets before the interpreter exits
                 thread.join(timeout=1.0)
         if self.failure is not None:
             raise DistributedError(f"{self.name}: stopping: {self._failure_text()}")
@@ -156,12 +227,67 @@ class ParameterServer:
         self.cond.notify_all()
 
     # ------------------------------------------------------------------ one link
-    def _serve_link(self, peer: Peer) -> None:
+    def _admit_link(self, peer: Peer) -> threading.Thread | None:
+        """Check a new link's HELLO (its form, its proof of the token, its role and index) here, in
+        the accepting thread; start a thread to serve it only if it passes and there is room."""
+        numbers = peer.first.numbers
+        try:
+            if len(numbers) != P.IDENTITY + P.PROOF_WORDS:
+                raise BadMessage(P.BAD_NUMBERS, f"a HELLO with {len(numbers)} numbers, not "
+                                                f"{P.IDENTITY + P.PROOF_WORDS}")
+            identity = tuple(whole(v, -MAX_NUMEL, MAX_NUMEL, "HELLO value") for v in numbers[:P.IDENTITY])
+            given = tuple(whole(v, 0, 2**32 - 1, "HELLO proof word") for v in numbers[P.IDENTITY:])
+        except BadMessage as exc:
+            self._refuse(peer, (P.BAD_MESSAGE, exc.problem), f"refused a link from {peer.address}: {exc}")
+            return None
+        if not P.proof_matches(self.token, peer.nonce, identity, given):
+            self._refuse(peer, (P.BAD_TOKEN,), f"refused a link from {peer.address}: bad token (its HELLO does not "
+                                               f"prove this job's ps token)")
+            return None
+        role, index = identity[:2]
+        wrong = self._wrong_identity(role, index)
+        if wrong:
+            self._refuse(peer, (P.BAD_MESSAGE, P.BAD_INDEX), f"refused a link from {peer.address}: {wrong}")
+            return None
+        with self.cond:
+            busy = self.links >= self.max_links
+            if not busy:
+                self.links += 1
+                self.opening += 1
+        if busy:
+            self._refuse(peer, (P.BUSY, self.max_links), f"refused a link from {peer.address} "
+                                                          f"({role_name(role, index)}): {self.max_links} links are "
+                                                          f"open already")
+            return None
+        thread = threading.Thread(target=self._serve_link, args=(peer, identity), name=f"link {peer.number}",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _wrong_identity(self, role: int, index: int) -> str:
+        """What is wrong with the role and index a HELLO claims ("" if nothing)."""
+        if role not in (CHIEF, WORKER, EVALUATOR):
+            return f"unknown role {role}"
+        if role == CHIEF and index != 0:
+            return f"the chief with index {index} (it is worker 0)"
+        if role == WORKER and not 1 <= index < self.cluster.num_workers:
+            return (f"worker index {index} out of range (1..{self.cluster.num_workers - 1}; the chief is worker 0)")
+        if role == EVALUATOR and index != 0:
+            return f"the evaluator with index {index}"
+        return ""
+
+    def _refuse(self, peer: Peer, numbers: tuple[int, ...], text: str) -> None:
+        """One warning, a REFUSED reply (best effort: a hostile peer may not read it), and the link closed."""
+        self.warn(text)
+        with contextlib.suppress(LinkError):
+            peer.send(Message(P.REFUSED, numbers), timeout=1.0)
+        peer.close()
+
+    def _serve_link(self, peer: Peer, identity: tuple[int, ...]) -> None:
         client: Client | None = None
         try:
             try:
-                peer.open()
-                client = self._hello(peer, peer.recv(self.timeout))
+                client = self._hello(peer, identity)
             finally:
                 with self.cond:
                     self.opening -= 1
@@ -170,8 +296,13 @@ class ParameterServer:
             if client is None:
                 return
             while not client.said_bye:
-                msg = peer.recv(self.timeout)
-                peer.send(self._answer(peer.number, client, msg))
+                peer.send(self._serve_request(peer, client))
+        except BadMessage as exc:
+            if client is not None:  # its slot is free before it reads the refusal, so it may reconnect at once
+                self._lost(client, str(exc), quiet=True)
+                self._refuse(peer, (P.BAD_MESSAGE, exc.problem),
+                             f"refused a message from {role_name(client.role, client.index, self.cluster)} "
+                             f"({peer.address}): {exc}; its link is closed")
         except LinkError as exc:
             if client is not None:
                 self._lost(client, str(exc))
@@ -183,25 +314,26 @@ class ParameterServer:
         finally:
             peer.close()
             with self.cond:
+                self.links -= 1
                 if client is not None:
                     self._leave(client)
                     self.clients.pop(peer.number, None)
                 self.cond.notify_all()
 
-    def _hello(self, peer: Peer, msg: Message) -> Client | None:
-        if msg.op != P.HELLO or len(msg.numbers) < 6:
-            raise LinkError("a client that does not speak this protocol connected")
-        role, index, fingerprint, workers, num_ps, ps = (int(v) for v in msg.numbers[:6])
+    def _hello(self, peer: Peer, identity: tuple[int, ...]) -> Client | None:
+        role, index, fingerprint, workers, num_ps, ps = identity
+        who = role_name(role, index, self.cluster)
         refuse = None
         with self.cond:
             if fingerprint != self.fingerprint:
-                refuse = (P.BAD_CONFIG, 0)
+                refuse = (P.BAD_CONFIG, 0), "its training options differ from this ps's"
             elif workers != self.cluster.num_workers or num_ps != self.cluster.num_ps:
-                refuse = (P.BAD_CLUSTER, self.cluster.num_workers, self.cluster.num_ps)
+                refuse = ((P.BAD_CLUSTER, self.cluster.num_workers, self.cluster.num_ps),
+                          f"it belongs to a cluster of {workers} workers and {num_ps} ps")
             elif ps != self.index:
-                refuse = (P.WRONG_PS, self.index)
+                refuse = (P.WRONG_PS, self.index), f"it wanted ps {ps}"
             elif role in (CHIEF, WORKER) and self.workers_alive[index]:
-                refuse = (P.DUPLICATE, index)
+                refuse = (P.DUPLICATE, index), f"{who} is connected already"
             if refuse is None:
                 client = Client(role, index)
                 if client.worker is not None:
@@ -218,7 +350,7 @@ class ParameterServer:
                     self.evaluator_seen = True
                     log.info("%s: the evaluator connected", self.name)
         if refuse is not None:
-            peer.send(Message(P.REFUSED, refuse))
+            self._refuse(peer, refuse[0], f"refused {who} ({peer.address}): {refuse[1]}")
             return None
         with self.cond:
             failure = self.failure
@@ -227,7 +359,8 @@ class ParameterServer:
         peer.send(Message(P.FAILED, failure[:3]) if failure else reply)
         return client
 
-    def _lost(self, client: Client, why: str) -> None:
+    def _lost(self, client: Client, why: str, quiet: bool = False) -> None:
+        """``client``'s link is gone; ``quiet``: the reason has been logged already."""
         with self.cond:
             who = role_name(client.role, client.index, self.cluster)
             if client.worker is not None:
@@ -241,9 +374,10 @@ class ParameterServer:
             elif client.role == WORKER:
                 self.losses[client.index] += 1
                 alive = sum(self.workers_alive)
-                log.warning("%s: %s lost (%s); training goes on with %d worker(s); the same --worker-index may "
-                            "rejoin", self.name, who, why, alive)
-            elif client.role == EVALUATOR:
+                if not quiet:
+                    log.warning("%s: %s lost (%s); training goes on with %d worker(s); the same --worker-index "
+                                "may rejoin", self.name, who, why, alive)
+            elif client.role == EVALUATOR and not quiet:
                 log.warning("%s: %s lost (%s)", self.name, who, why)
 
     def _status_reply(self, ok: Message) -> Message:
@@ -257,7 +391,44 @@ class ParameterServer:
         return ok
 
     # ------------------------------------------------------------------ requests
-    def _answer(self, link: int, client: Client, msg: Message) -> Message:
+    def _serve_request(self, peer: Peer, client: Client) -> Message:
+        """Read one request, checking it before its tensors are read and before it acts; its reply."""
+        op, numbers, specs = peer.recv_header(self.timeout)
+        if op not in P.RULES:
+            raise BadMessage(P.UNKNOWN_OP, f"unknown request {op}")
+        roles, count = P.RULES[op]
+        name = P.REQUEST_NAMES[op]
+        if client.role not in roles:
+            raise BadMessage(P.NOT_ALLOWED, f"{name} is not allowed from {role_name(client.role, client.index)}")
+        if len(numbers) != count:
+            raise BadMessage(P.BAD_NUMBERS, f"{name} with {len(numbers)} numbers, not {count}")
+        layout = ShardLayout.from_numbers(self.cfg, self.cluster, self.index, numbers) if op == P.INIT else None
+        expected = self._expected_tensors(op, layout)
+        if len(specs) != len(expected) or any(
+                dtype != want_dtype or numel not in lengths for (dtype, numel), (want_dtype, lengths) in zip(specs,
+                                                                                                          expected)):
+            raise BadMessage(P.BAD_TENSORS, f"{name} with tensors {show_specs(specs)}; this ps takes "
+                                            f"{show_specs(expected)}")
+        tensors = peer.recv_tensors(specs, self.timeout)
+        if op == P.PUSH:
+            check_values(tensors[0], P.MAX_GRADIENT, "the gradient")
+            check_values(tensors[1], P.MAX_BUFFER, "the buffers")
+        for i, t in enumerate(tensors if op == P.INIT else ()):
+            check_values(t, math.inf, ("the parameters", "the buffers")[i] if i < 2 else "the optimizer state")
+        return self._answer(peer.number, client, Message(op, numbers, tensors), layout)
+
+    def _expected_tensors(self, op: int, layout: ShardLayout | None) -> list[tuple[torch.dtype, set[int]]]:
+        """(dtype, allowed lengths) of each tensor request ``op`` must carry to this shard."""
+        if layout is not None:
+            return [(dtype, {numel}) for dtype, numel in layout.specs()]
+        if op != P.PUSH:
+            return []
+        with self.cond:  # before INIT a push can only be empty (a skipped step)
+            params = self.store.param_count if self.store is not None else 0
+            buffers = self.store.buffers.numel() if self.store is not None else 0
+        return [(torch.float32, {0, params}), (torch.float64, {0, buffers})]
+
+    def _answer(self, link: int, client: Client, msg: Message, layout: ShardLayout | None = None) -> Message:
         op = msg.op
         if op == P.PING:
             return self._status_reply(Message(P.OK))
@@ -265,15 +436,19 @@ class ParameterServer:
             client.said_bye = True
             return Message(P.OK)
         if op == P.ABORT:
+            role = whole(msg.numbers[0], PS, EVALUATOR, "ABORT role")
+            count = {PS: self.cluster.num_ps, CHIEF: 1, WORKER: self.cluster.num_workers, EVALUATOR: 1}[role]
+            index = whole(msg.numbers[1], 0, count - 1, "ABORT index")
             reporter = role_name(client.role, client.index, self.cluster)
             with self.cond:
-                self._fail(int(msg.numbers[0]), int(msg.numbers[1]), P.REPORTED, reporter)
+                self._fail(role, index, P.REPORTED, reporter)
             return self._status_reply(Message(P.OK))
         if op == P.STATS:
             return self._stats()
         if op == P.SCORED:
+            step = whole(msg.numbers[0], -1, MAX_NUMEL, "SCORED step")
             with self.cond:
-                self.scored_step = max(self.scored_step, int(msg.numbers[0]))
+                self.scored_step = max(self.scored_step, step)
             return self._status_reply(Message(P.OK))
         if op == P.FINISH:
             with self.cond:
@@ -283,14 +458,14 @@ class ParameterServer:
                 self.cond.notify_all()
             return Message(P.OK)
         if op == P.INIT:
-            return self._init(msg)
+            return self._init(layout, msg.tensors)
         if op == P.SNAPSHOT:
             return self._snapshot()
         if op == P.PULL:
-            return self._pull(link, client, bool(msg.numbers[0]))
+            return self._pull(link, client, bool(whole(msg.numbers[0], 0, 1, "PULL admission flag")))
         if op == P.PUSH:
             return self._push(link, client, msg)
-        raise LinkError(f"unknown request {op}")
+        raise BadMessage(P.UNKNOWN_OP, f"unknown request {op}")
 
     def _wait_initialised(self) -> Message | None:
         with self.cond:
@@ -346,12 +521,16 @@ class ParameterServer:
             self.cond.notify_all()
 
     def _push(self, link: int, client: Client, msg: Message) -> Message:
-        pulled, leave, then_pull, admit = (int(v) for v in msg.numbers[:4])
+        pulled = whole(msg.numbers[0], 0, MAX_NUMEL, "PUSH pulled version")
+        leave, then_pull, admit = (whole(v, 0, 1, "PUSH flag") for v in msg.numbers[1:4])
         grads, buffers = msg.tensors
         retry = self._wait_initialised()
         if retry is not None:
             return retry
         with self.cond:
+            if grads.numel() and (grads.numel() != self.store.param_count or pulled > self.version):
+                raise BadMessage(P.BAD_NUMBERS, f"a gradient of {grads.numel()} values pulled at update {pulled}; "
+                                                f"the shard has {self.store.param_count} at update {self.version}")
             if self.failure is None and self.finished_at is None and self.version < self.total_steps:
                 self.store.merge_buffers(buffers, client.base)
                 if grads.numel():
@@ -370,9 +549,9 @@ class ParameterServer:
             return self._pull(link, client, bool(admit))
         return self._status_reply(Message(P.OK, (version,)))
 
-    def _init(self, msg: Message) -> Message:
-        store = ShardStore.from_init(self.cfg, self.cluster, self.index, msg.numbers, msg.tensors)
-        step, stamp = int(msg.numbers[0]), int(msg.numbers[8])
+    def _init(self, layout: ShardLayout, tensors: tuple[torch.Tensor, ...]) -> Message:
+        store = ShardStore.from_init(layout, tensors)
+        step, stamp = layout.step, layout.run_stamp
         with self.cond:
             self.store, self.version, self.total_steps, self.run_stamp = store, step, store.total_steps, stamp
             self.initialised = True
