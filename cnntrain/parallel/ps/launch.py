@@ -3,7 +3,9 @@
 Starts the ps, the chief, the other workers and (with ``--evaluator``) an evaluator as child
 processes, each ``python -m cnntrain train --config <this job's resolved config> --role ...``, on
 free loopback ports (or ``--dist-start-port``). Their log lines come to this terminal, prefixed
-with their role. Then it watches them:
+with their role. Every child gets the job's ps token in ``$CNNTRAIN_PS_TOKEN`` (the one given, else
+a fresh random one), never on a command line (``ps`` shows those to every user) nor in a file.
+Then it watches them:
 
 - a worker or the evaluator that fails is reported, and the others go on;
 - a ps or the chief that fails ends the job: the others learn it from the ps and stop by
@@ -17,10 +19,10 @@ SIGKILL after 5 s); on Linux the children also get SIGTERM should this process b
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +34,7 @@ from pathlib import Path
 from cnntrain.config import TrainConfig, save_config
 from cnntrain.errors import ConfigError, DistributedError
 from cnntrain.parallel.env import usable_cores
+from cnntrain.parallel.ps import protocol as P
 from cnntrain.parallel.ps.client import JOB_STARTED_ENV
 
 log = logging.getLogger("cnntrain")
@@ -100,8 +103,8 @@ def job_config(cfg: TrainConfig) -> tuple[TrainConfig, int, int]:
         ps_hosts = ",".join(f"127.0.0.1:{p}" for p in ports)
     worker_hosts = cfg.worker_hosts or ",".join(["127.0.0.1"] * num_workers)
     run_dir = str(resolve_run_dir(cfg, int(time.time())))
-    child = dataclasses.replace(cfg, ps_hosts=ps_hosts, worker_hosts=worker_hosts, ps_count=0, worker_count=0,
-                                dist_start_port=0, evaluator=False, run_dir=run_dir)
+    child = cfg.replace(ps_hosts=ps_hosts, worker_hosts=worker_hosts, ps_count=0, worker_count=0, dist_start_port=0,
+                        evaluator=False, run_dir=run_dir)
     return child, num_ps, num_workers
 
 
@@ -114,8 +117,11 @@ def launch_local(cfg: TrainConfig, setup_logging=None) -> Path:
     trainers = num_workers
     cores = usable_cores()
     train_threads = cfg.threads or max(1, cores // trainers)
-    log.info("async-ps on this machine: %d ps at %s, the chief + %d worker(s)%s; run folder %s", num_ps,
-             child_cfg.ps_hosts, num_workers - 1, " + an evaluator" if cfg.evaluator else "", child_cfg.run_dir)
+    token = P.job_token(cfg)
+    log.info("async-ps on this machine: %d ps at %s, the chief + %d worker(s)%s; run folder %s; links prove %s",
+             num_ps, child_cfg.ps_hosts, num_workers - 1, " + an evaluator" if cfg.evaluator else "",
+             child_cfg.run_dir, "the ps token given" if token else "a fresh random ps token")
+    token = token or secrets.token_hex(32)
     children: list[_Child] = []
     previous = _on_sigterm_raise()
     with tempfile.TemporaryDirectory(prefix="cnntrain-async-ps-") as tmp:
@@ -126,7 +132,8 @@ def launch_local(cfg: TrainConfig, setup_logging=None) -> Path:
         started = str(time.time())
 
         def start(name: str, kind: str, extra: list[str], threads: int) -> None:
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", JOB_STARTED_ENV: started}
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", JOB_STARTED_ENV: started,
+                   P.TOKEN_ENV: token}
             children.append(_Child(name, kind, [*base, *extra, "--threads", str(threads)], env))
 
         try:
