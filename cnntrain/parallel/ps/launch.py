@@ -33,7 +33,7 @@ from pathlib import Path
 
 from cnntrain.config import TrainConfig, save_config
 from cnntrain.errors import ConfigError, DistributedError
-from cnntrain.parallel.env import usable_cores
+from cnntrain.hardware import usable_cores
 from cnntrain.parallel.ps import protocol as P
 from cnntrain.parallel.ps.client import JOB_STARTED_ENV
 
