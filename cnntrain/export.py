@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from cnntrain.api import load, load_weights
+from cnntrain.engine.run import export_safetensors
 from cnntrain.errors import CheckpointError, ConfigError
 
 FORMATS = ("safetensors", "onnx", "h5")
@@ -38,8 +40,6 @@ class _MainLogits(nn.Module):
 
 def export(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike, *, opset: int = 17) -> Path:
     """Write the weights of ``checkpoint`` (run folder, .pt or .safetensors) to ``output`` as ``fmt``."""
-    from cnntrain.api import load, load_weights
-    from cnntrain.engine.run import export_safetensors
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")

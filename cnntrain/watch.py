@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cnntrain.api import evaluate
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.evaluate import EvalResult
 from cnntrain.engine.metrics import WATCHER_SPLIT, append_row_once
@@ -63,7 +64,6 @@ def watch(run_dir: str | Path, *, poll: float = 10.0, timeout: float = 0.0,
     ``timeout`` (seconds, 0: none): raise WatchTimeout when no new checkpoint appeared for that long
     and the run has not finished.
     """
-    from cnntrain.api import evaluate
 
     run_dir = Path(run_dir)
     folder = run_dir / "checkpoints"

@@ -54,7 +54,7 @@ def compression_report() -> dict:
     from cnntrain.config import build_config
     from cnntrain.models.registry import create_model_for
     from cnntrain.parallel.env import detect_launch
-    from cnntrain.parallel.strategy import DataParallel
+    from cnntrain.parallel.strategy import make_strategy
 
     rank = dist.get_rank()
     results = {}
@@ -63,7 +63,7 @@ def compression_report() -> dict:
         overlap = compression != "none-no-overlap"
         cfg = build_config(dataset="synthetic", model="lenet", threads=1, overlap=overlap, bucket_mb=0.01,
                            grad_compression=compression if overlap else "none")
-        strategy = DataParallel(cfg, detect_launch())
+        strategy = make_strategy(cfg, detect_launch())
         strategy.backend = "gloo"
         torch.manual_seed(100 + rank)  # different start per rank: wrapping must make them equal
         model = create_model_for("lenet", 10, (1, 28, 28))
@@ -87,7 +87,7 @@ def compression_report() -> dict:
             if overlap else 0,
         }
         # DDP objects alive at destroy_process_group make gloo abort at exit (torch 2.14).
-        strategy._ddp = strategy._plain = None
+        strategy.release()
         del wrapped
     gc.collect()
     return results

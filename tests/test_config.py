@@ -90,7 +90,7 @@ def test_each_section_refuses_its_own_bad_options(options, message):
     (dict(partial_update=True, lookahead=5), "--partial-update with --ema-decay or --lookahead"),
     (dict(grad_compression="topk", precision="fp16"), "use --precision fp32 or bf16"),
     (dict(sync_bn=True, device="cpu"), "--sync-bn needs CUDA"),
-    (dict(strategy="async-ps", ps_count=1, worker_count=1, accum_steps=2), "--accum-steps is not supported"),
+    (dict(strategy="async-ps", ps_count=1, worker_count=1, ema_decay=0.9), "--ema-decay is not supported"),
     (dict(strategy="async-ps", ps_count=1, worker_count=1, sync_bn=True), "--sync-bn is not supported"),
 ])
 def test_rules_across_sections_are_checked_by_the_whole_config(options, message):

@@ -15,7 +15,9 @@ from cnntrain.models.registry import create_model_for
 from cnntrain.parallel.env import LaunchEnv, detect_launch
 from cnntrain.parallel.hooks import all_reduce_mean, broadcast_state, bucket_mb_for
 from cnntrain.parallel.launch import strip_launch_flags, torchrun_argv
-from cnntrain.parallel.strategy import DataParallel, is_collective_failure, resume_after_restart
+from cnntrain.parallel.ddp import DDP, AllReduceAfterBackward, SparseDDP, is_collective_failure
+from cnntrain.parallel.partial import PartialUpdate
+from cnntrain.parallel.strategy import SingleProcess, make_strategy, resume_for_restart
 from tests.helpers import cli_args, tiny
 
 
@@ -53,10 +55,20 @@ def test_open_mpi_variables_and_master_flags():
     ({"sync_bn": True}, "--sync-bn needs CUDA"),
 ])
 def test_impossible_options_fail_before_any_rendezvous(options, message):
-    cfg = build_config(dataset="synthetic", device="cpu", **options)
-    strategy = DataParallel(cfg, LaunchEnv(rank=0, world_size=2, master_port=1))  # port 1: would fail to join
     with pytest.raises(ConfigError, match=message):
-        strategy.setup()
+        cfg = build_config(dataset="synthetic", device="cpu", **options)
+        make_strategy(cfg, LaunchEnv(rank=0, world_size=2, master_port=1)).setup()  # port 1: would fail to join
+
+
+@pytest.mark.parametrize("options, kind", [
+    ({}, DDP), ({"grad_compression": "fp16"}, DDP), ({"grad_compression": "topk"}, SparseDDP),
+    ({"grad_compression": "threshold", "compression_threshold": 0.1}, SparseDDP),
+    ({"overlap": False}, AllReduceAfterBackward), ({"partial_update": True}, PartialUpdate),
+])
+def test_one_strategy_class_per_exchange_mode(options, kind):
+    cfg = build_config(dataset="synthetic", device="cpu", **options)
+    assert type(make_strategy(cfg, LaunchEnv(rank=0, world_size=2))) is kind
+    assert type(make_strategy(cfg, LaunchEnv())) is SingleProcess
 
 
 def test_powersgd_on_gloo_gets_one_bucket_for_all_gradients():
@@ -76,15 +88,12 @@ def test_collective_failures_are_recognised_and_others_are_not():
 def test_an_elastic_restart_resumes_only_when_a_checkpoint_exists(tmp_path, monkeypatch):
     cfg = build_config(**tiny(tmp_path / "run"))
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
-    resume_after_restart(cfg, main=True)
-    assert cfg.resume == ""  # nothing saved yet: a fresh start
+    assert resume_for_restart(cfg, main=True).resume == ""  # nothing saved yet: a fresh start
     ckpt.save_checkpoint({"step": 3}, tmp_path / "run" / "checkpoints", 3)
-    resume_after_restart(cfg, main=True)
-    assert cfg.resume == "auto"
+    restarted = resume_for_restart(cfg, main=True)
+    assert restarted.resume == "auto" and cfg.resume == ""  # a new config; the given one is unchanged
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
-    cfg.resume = ""
-    resume_after_restart(cfg, main=True)
-    assert cfg.resume == ""  # restarts off: never resume behind the user's back
+    assert resume_for_restart(cfg, main=True).resume == ""  # restarts off: never resume behind the user's back
 
 
 def test_coalesced_all_reduce_averages_and_compresses_in_place(one_rank_group):
@@ -101,7 +110,7 @@ def test_coalesced_all_reduce_averages_and_compresses_in_place(one_rank_group):
 def test_a_failed_collective_becomes_one_error_naming_rank_and_operation():
     from cnntrain.errors import DistributedError
 
-    strategy = DataParallel(build_config(dataset="synthetic", dist_timeout=7), LaunchEnv(rank=1, world_size=2))
+    strategy = DDP(build_config(dataset="synthetic", dist_timeout=7), LaunchEnv(rank=1, world_size=2))
     with pytest.raises(DistributedError, match=r"rank 1 of 2: all-reduce of metrics failed .*Connection reset.*7 s"), \
             strategy.guard(), strategy.collective("all-reduce of metrics"):
         raise RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer")

@@ -1,5 +1,6 @@
 """Every command README shows runs, on tiny data sets, so the documentation cannot rot."""
 
+import itertools
 import re
 import shlex
 
@@ -67,9 +68,9 @@ def test_every_readme_command_runs(tiny_world, capsys):
 
 
 def test_readme_python_example_runs(tiny_world, monkeypatch):
-    real_train = cnntrain.train
+    real_train, runs = cnntrain.train, itertools.count()
     monkeypatch.setattr(cnntrain, "train", lambda **kw: real_train(
-        **kw, max_steps=3, verify=False, download=False, threads=1, progress="none", run_dir="runs/api"))
+        **kw, max_steps=3, verify=False, download=False, threads=1, progress="none", run_dir=f"runs/api{next(runs)}"))
     (code,) = _blocks("python")
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)

@@ -4,6 +4,7 @@ summed on the device between log lines."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import math
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from cnntrain.errors import ConfigError
 
 COLUMNS = ["step", "epoch", "split", "loss", "top1_err", "top5_err", "lr", "img_per_s", "elapsed_s",
            "loss_scale", "grad_norm"]
@@ -29,8 +32,6 @@ def metrics_lock(path: Path) -> Iterator[None]:
     The lock is a file of its own because a rewrite replaces ``metrics.csv``: a lock on the old file
     would not be seen by whoever opens the new one. The trainer's plain appends need no lock.
     """
-    import fcntl
-
     with open(path.with_name(path.name + ".lock"), "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
@@ -66,8 +67,6 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from cnntrain.errors import ConfigError
-
                 raise ConfigError("--tensorboard needs the tensorboard package: pip install 'cnntrain[tensorboard]'")\
                     from None
             self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +15,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
 from cnntrain.config import TrainConfig
+from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.metrics import write_summary
-from cnntrain.errors import CheckpointError
+from cnntrain.errors import CheckpointError, ConfigError
 
 RUNS_ROOT = Path("runs")
 
@@ -110,9 +114,6 @@ class RunLock:
 
     def release(self) -> None:
         """Give the folder up (idempotent)."""
-        import fcntl
-        import os
-
         fd, self._fd = self._fd, None
         if fd is None:
             return
@@ -138,13 +139,6 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> RunLock:
     ``summary.json`` are deleted first. With several ranks only rank 0 claims (the folder is rank
     0's to write); the others never call this, so rank 0 must tell them when its claim fails.
     """
-    import fcntl
-    import os
-    import socket
-
-    from cnntrain.engine import checkpoint as ckpt
-    from cnntrain.errors import ConfigError
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".lock"
