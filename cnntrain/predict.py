@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from cnntrain.data.crops import resize_centre_crop
-from cnntrain.data.folder import IMAGE_EXTENSIONS, _to_rgb
+from cnntrain.data.folder import IMAGE_EXTENSIONS
+from cnntrain.data.images import to_rgb
 from cnntrain.errors import DataError
 
 
@@ -48,7 +49,7 @@ def prepare_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     channels, height, width = shape
     with Image.open(path) as image:
         image.load()
-        image = _to_rgb(image)
+        image = to_rgb(image)
     if height > 64 and height == width:
         image = resize_centre_crop(image, height)
     elif image.size != (width, height):

@@ -88,7 +88,7 @@ def test_real_photos_folder_and_shards_hold_the_same_images(real_data: Path, tmp
     """hymenoptera.tar (many JPEG sizes, one palette GIF): the streamed folder and its TFRecord copy
     list the same images, and every one of them decodes."""
     from cnntrain.data.archive import safe_extract_tar
-    from cnntrain.data.streaming import folder_dataset
+    from cnntrain.data.folder import folder_dataset
     from cnntrain.data.tfrecord import tfrecord_dataset
 
     safe_extract_tar(real_data / "hymenoptera.tar", tmp_path / "src")

@@ -14,10 +14,13 @@ from PIL import Image
 import cnntrain
 from cnntrain.config import build_config
 from cnntrain.data.datasets import load_data
+from cnntrain.data.folder import folder_dataset
 from cnntrain.data.loaders import build_loaders
-from cnntrain.data.streaming import Encoded, StreamDataset, StreamLoader, folder_dataset
+from cnntrain.data.stream_dataset import Encoded, StreamDataset
+from cnntrain.data.streaming import StreamLoader
 from cnntrain.data.tfrecord import TFRecordWriter, encode_example, example_fields
 from cnntrain.errors import DataError
+from cnntrain.models import get_spec
 from tests.helpers import tiny
 
 CPU = torch.device("cpu")
@@ -62,9 +65,11 @@ def test_grey_palette_cmyk_become_rgb_and_bad_files_give_none(photos: Path) -> N
 
 
 def test_auto_pipeline_streams_mixed_sizes_and_eval_size_follows_the_model(photos: Path) -> None:
-    bundle = load_data(build_config(dataset="folder", data_dir=str(photos), model="resnet20"))
+    bundle = load_data(build_config(dataset="folder", data_dir=str(photos)), input_size=get_spec("resnet20").input_size)
     assert isinstance(bundle.train, StreamDataset) and bundle.shape == (3, 32, 32)
-    inception = load_data(build_config(dataset="imagenet", data_dir=str(photos), model="inception_v3"))
+    cfg = build_config(dataset="imagenet", data_dir=str(photos), model="inception_v3")
+    assert load_data(cfg).shape == (3, 224, 224)  # the model's size not given, --image-size not set: 224
+    inception = load_data(cfg, input_size=get_spec("inception_v3").input_size)
     assert inception.shape == (3, 299, 299)  # eval: shorter side 342, centre 299
     loader = StreamLoader(inception.val, 4, device=CPU, mean=inception.mean, std=inception.std, shuffle=False)
     images, _ = next(loader.iterate(0))
@@ -200,3 +205,4 @@ def test_options_for_the_other_kind_of_set_are_named_as_ignored(photos: Path, ca
         caplog.clear()
         load_data(build_config(dataset="folder", data_dir=str(photos), model="resnet20", crop="bbox-distort"))
         assert "ignored" not in caplog.text
+

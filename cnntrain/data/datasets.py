@@ -11,7 +11,13 @@ import torch
 
 from cnntrain.config import TrainConfig
 from cnntrain.data.base import ArrayDataset
-from cnntrain.data.streaming import StreamDataset
+from cnntrain.data.cifar import load_cifar
+from cnntrain.data.folder import find_split, folder_dataset, load_image_folder, needs_streaming
+from cnntrain.data.mnist import load_mnist
+from cnntrain.data.stream_dataset import IMAGENET_STATS, StreamDataset
+from cnntrain.data.synthetic import make_synthetic
+from cnntrain.data.tarshards import tar_dataset
+from cnntrain.data.tfrecord import shard_paths, tfrecord_dataset
 from cnntrain.errors import ConfigError, DataError, did_you_mean
 
 log = logging.getLogger("cnntrain")
@@ -50,8 +56,6 @@ CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
 
 def _mnist(cfg: TrainConfig, variant: str):
-    from cnntrain.data.mnist import load_mnist
-
     root = Path(cfg.data_dir)
     kw = dict(variant=variant, download=cfg.download, verify=cfg.verify)
     stats = MNIST_STATS if variant == "mnist" else FASHION_STATS
@@ -59,62 +63,48 @@ def _mnist(cfg: TrainConfig, variant: str):
 
 
 def _cifar(cfg: TrainConfig, num_classes: int):
-    from cnntrain.data.cifar import load_cifar
-
     root = Path(cfg.data_dir)
     kw = dict(num_classes=num_classes, label_mode=cfg.label_mode, download=cfg.download, verify=cfg.verify)
     stats = CIFAR10_STATS if num_classes == 10 else CIFAR100_STATS
     return load_cifar(root, True, **kw), load_cifar(root, False, **kw), stats, "crop-flip"
 
 
-def _stream_size(cfg: TrainConfig) -> int:
+DEFAULT_STREAM_SIZE = 224  # crop side of streamed sets when neither --image-size nor the model says
+
+
+def _stream_size(cfg: TrainConfig, input_size: tuple[int, int, int] | None) -> int:
     """Crop side for streamed sets: --image-size, else the model's own input size (299 for Inception V3)."""
-    from cnntrain.models import get_spec
-
-    return cfg.image_size or get_spec(cfg.model).input_size[1]
+    return cfg.image_size or (input_size[1] if input_size else DEFAULT_STREAM_SIZE)
 
 
-def _stream_folder(cfg: TrainConfig):
-    from cnntrain.data.folder import find_split
-    from cnntrain.data.streaming import IMAGENET_STATS, folder_dataset
-
-    root, size = Path(cfg.data_dir), _stream_size(cfg)
+def _stream_folder(cfg: TrainConfig, size: int):
+    root = Path(cfg.data_dir)
     train = folder_dataset(root / "train", size, min_scale=cfg.min_crop_scale)
     split = find_split(root)
     test = folder_dataset(root / split, size, train.classes) if split else None
     return train, test, IMAGENET_STATS, "random-resized-crop"
 
 
-def _tfrecord(cfg: TrainConfig):
-    from cnntrain.data.streaming import IMAGENET_STATS
-    from cnntrain.data.tfrecord import shard_paths, tfrecord_dataset
-
-    root, size = Path(cfg.data_dir), _stream_size(cfg)
+def _tfrecord(cfg: TrainConfig, size: int):
+    root = Path(cfg.data_dir)
     train = tfrecord_dataset(root, "train", size, min_scale=cfg.min_crop_scale)
     test = tfrecord_dataset(root, "validation", size, train.classes) if shard_paths(root, "validation") else None
     return train, test, IMAGENET_STATS, "random-resized-crop"
 
 
-def _tar(cfg: TrainConfig):
-    from cnntrain.data.streaming import IMAGENET_STATS
-    from cnntrain.data.tarshards import tar_dataset
-    from cnntrain.data.tfrecord import shard_paths
-
-    root, size = Path(cfg.data_dir), _stream_size(cfg)
+def _tar(cfg: TrainConfig, size: int):
+    root = Path(cfg.data_dir)
     train = tar_dataset(root, "train", size, min_scale=cfg.min_crop_scale)
     has_val = any(p.suffix == ".tar" for p in shard_paths(root, "validation"))
     test = tar_dataset(root, "validation", size, train.classes) if has_val else None
     return train, test, IMAGENET_STATS, "random-resized-crop"
 
 
-def _folder(cfg: TrainConfig):
-    from cnntrain.data.folder import find_split, load_image_folder
-    from cnntrain.data.streaming import needs_streaming
-
+def _folder(cfg: TrainConfig, stream_size: int):
     root = Path(cfg.data_dir)
     # Small same-size images (CIFAR-like) fit in memory and train faster there; photos do not.
     if cfg.pipeline == "stream" or (cfg.pipeline == "auto" and needs_streaming(root / "train")):
-        return _stream_folder(cfg)
+        return _stream_folder(cfg, stream_size)
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
     train = load_image_folder(root, "train", size=size)
     split = find_split(root)
@@ -125,8 +115,6 @@ def _folder(cfg: TrainConfig):
 
 
 def _synthetic(cfg: TrainConfig):
-    from cnntrain.data.synthetic import make_synthetic
-
     shape = tuple(cfg.synthetic_shape)
     if len(shape) != 3:
         raise ConfigError(f"--synthetic-shape needs C H W, got {list(shape)}")
@@ -138,16 +126,17 @@ def _synthetic(cfg: TrainConfig):
     return train, test, stats, "none"
 
 
+# Each takes (cfg, crop side for streamed sets in pixels).
 LOADERS: dict[str, Callable] = {
-    "mnist": lambda cfg: _mnist(cfg, "mnist"),
-    "fashion-mnist": lambda cfg: _mnist(cfg, "fashion"),
-    "cifar10": lambda cfg: _cifar(cfg, 10),
-    "cifar100": lambda cfg: _cifar(cfg, 100),
+    "mnist": lambda cfg, _: _mnist(cfg, "mnist"),
+    "fashion-mnist": lambda cfg, _: _mnist(cfg, "fashion"),
+    "cifar10": lambda cfg, _: _cifar(cfg, 10),
+    "cifar100": lambda cfg, _: _cifar(cfg, 100),
     "folder": _folder,
     "imagenet": _stream_folder,  # train/<wnid>/*.JPEG + val/<wnid>/*.JPEG, always streamed
     "tfrecord": _tfrecord,  # train-* / validation-* shards with image/encoded, 1-based image/class/label
     "tar": _tar,  # train-*.tar / validation-*.tar shards: <key>.jpg + <key>.cls (0-based), WebDataset layout
-    "synthetic": _synthetic,
+    "synthetic": lambda cfg, _: _synthetic(cfg),
 }
 
 
@@ -155,12 +144,16 @@ def dataset_names() -> list[str]:
     return sorted(LOADERS)
 
 
-def load_data(cfg: TrainConfig) -> DataBundle:
-    """Load ``cfg.dataset`` whole into memory and split off a validation set when asked."""
+def load_data(cfg: TrainConfig, input_size: tuple[int, int, int] | None = None) -> DataBundle:
+    """Load ``cfg.dataset`` (into memory, or listed for streaming) and split off a validation set when asked.
+
+    ``input_size`` is the model's input (C, H, W), e.g. ``get_spec(cfg.model).input_size``: streamed
+    sets are cropped to its H unless ``--image-size`` says otherwise (224 when neither is given).
+    """
     if cfg.dataset not in LOADERS:
         raise ConfigError(f"unknown data set {cfg.dataset!r}{did_you_mean(cfg.dataset, LOADERS)}; "
                           f"choose from {', '.join(dataset_names())}")
-    train, test, (mean, std), augment = LOADERS[cfg.dataset](cfg)
+    train, test, (mean, std), augment = LOADERS[cfg.dataset](cfg, _stream_size(cfg, input_size))
     streamed = isinstance(train, StreamDataset)
     if streamed:
         train.crop = cfg.crop

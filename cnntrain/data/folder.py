@@ -1,7 +1,7 @@
-"""ImageNet-style folder trees (``root/<split>/<class>/<image>``) decoded into memory.
+"""ImageNet-style folder trees (``root/<split>/<class>/<image>``): decoded into memory, or listed for streaming.
 
-For small sets only (every image is decoded once into one uint8 tensor); large sets go through
-the streaming pipeline, which uses :func:`scan_image_folder` and :func:`decode_image` per item.
+:func:`load_image_folder` is for small sets (every image is decoded once into one uint8 tensor);
+large sets go through the streaming pipeline, for which :func:`folder_dataset` lists the files.
 
     >>> train = load_image_folder("data/hymenoptera_data", "train", size=(64, 64))  # doctest: +SKIP
     >>> val = load_image_folder("data/hymenoptera_data", find_split("data/hymenoptera_data"),
@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from cnntrain.data.base import ArrayDataset
+from cnntrain.data.images import to_rgb
+from cnntrain.data.stream_dataset import StreamDataset
 from cnntrain.errors import DataError, did_you_mean
 
 log = logging.getLogger("cnntrain")
@@ -86,16 +88,6 @@ def find_split(root: str | os.PathLike, names: Sequence[str] = ("val", "validati
     return None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # 16-bit greyscale: convert("RGB") would clip at 255; keep the high byte instead.
-        grey = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    return image.convert("RGB")  # L, P (palette), CMYK, RGBA, LA, YCbCr, ...
-
-
 def _decode_array(path: Path, size: tuple[int, int] | None) -> np.ndarray:
     """Decode to uint8 [H, W, 3], resized to ``size=(h, w)`` when given."""
     try:
@@ -106,7 +98,7 @@ def _decode_array(path: Path, size: tuple[int, int] | None) -> np.ndarray:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
                 image.draft("RGB", (size[1], size[0]))
             image.load()  # decode now, so a truncated file fails here and not later
-            image = _to_rgb(image)
+            image = to_rgb(image)
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
@@ -217,3 +209,29 @@ def load_image_folder(
         keep = torch.from_numpy(ok)
         images, labels = images[keep], labels[keep]
     return ArrayDataset(images, labels, class_names, source=str(split_dir))
+
+
+def folder_dataset(split_dir: str | os.PathLike, image_size: int, classes: Sequence[str] | None = None,
+                   min_scale: float = 0.08) -> StreamDataset:
+    """A :class:`StreamDataset` of ``split_dir/<class>/<image>``; zero-byte files are left out now."""
+    samples, names = scan_image_folder(split_dir, classes)
+    kept = [(p, y) for p, y in samples if p.stat().st_size > 0]
+    if len(kept) < len(samples):
+        log.warning("%s: skipped %d empty (zero-byte) file(s)", split_dir, len(samples) - len(kept))
+    labels = torch.tensor([y for _, y in kept], dtype=torch.int64)
+    return StreamDataset([str(p) for p, _ in kept], labels, names, image_size, str(split_dir), min_scale=min_scale)
+
+
+def needs_streaming(split_dir: str | os.PathLike, limit: int = 64, probe: int = 64) -> bool:
+    """True when the first ``probe`` images of a folder differ in size or exceed ``limit`` pixels:
+    then decoding all of them into one tensor would either fail or waste memory."""
+    samples, _ = scan_image_folder(split_dir)
+    sizes = set()
+    step = max(1, len(samples) // probe)  # spread over the classes, not the first class only
+    for path, _ in samples[::step][:probe]:
+        try:
+            with Image.open(path) as image:  # reads the header only
+                sizes.add(image.size)
+        except Exception:  # noqa: BLE001, S112 - unreadable files are counted later by whichever pipeline
+            continue
+    return len(sizes) > 1 or any(max(s) > limit for s in sizes)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cnntrain.data.cifar import cifar_resources
 from cnntrain.data.download import Resource, ensure_resources, verify_file
+from cnntrain.data.mnist import mnist_resources
 from cnntrain.errors import ConfigError, DataError, did_you_mean
 
 
 def official_resources(dataset: str) -> list[Resource]:
     """The files ``dataset`` is built from (CIFAR: the python-version tarball)."""
-    from cnntrain.data.cifar import cifar_resources
-    from cnntrain.data.mnist import mnist_resources
-
     table = {
         "mnist": lambda: list(mnist_resources("mnist").values()),
         "fashion-mnist": lambda: list(mnist_resources("fashion").values()),

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnntrain.data.folder import _to_rgb, find_split, scan_image_folder
+from cnntrain.data.folder import find_split, scan_image_folder
+from cnntrain.data.images import to_rgb
 from cnntrain.data.tfrecord import TFRecordWriter, encode_example, iter_records, shard_paths
 from cnntrain.errors import ConfigError, DataError
 
@@ -52,7 +53,7 @@ def _encode(path: Path, resize: int) -> tuple[bytes, int, int]:
         image.load()
         if image.format == "JPEG" and image.mode == "RGB" and not (resize and min(image.size) > resize):
             return data, image.height, image.width
-        rgb = _to_rgb(image)
+        rgb = to_rgb(image)
     if resize and min(rgb.size) > resize:  # shrink only: enlarging adds bytes, not information
         scale = resize / min(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR)

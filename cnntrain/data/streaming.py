@@ -1,10 +1,11 @@
 """The streaming pipeline for sets too large (or too varied in size) to decode into memory.
 
-DataLoader workers read and decode each image (from a file, a TFRecord shard or a tar shard), crop
-and flip it on the host as uint8 (``crops.py`` draws the boxes); normalisation happens on the
-training device. With ``decode="device"`` the workers pass JPEGs on undecoded, with their boxes,
-and the main process decodes, crops and flips each batch on the training device. The interface is the one
-:class:`cnntrain.data.pipeline.DeviceLoader` has, so the engine does not know which it got:
+DataLoader workers read and decode each image of a :class:`StreamDataset` (``stream_dataset.py``:
+from a file, a TFRecord shard or a tar shard), crop and flip it on the host as uint8 (``crops.py``
+draws the boxes); normalisation happens on the training device. With ``decode="device"`` the workers
+pass JPEGs on undecoded, with their boxes, and the main process decodes, crops and flips each batch
+on the training device. The interface is the one :class:`cnntrain.data.pipeline.DeviceLoader` has,
+so the engine does not know which it got:
 
 - the global batch of step ``s`` of epoch ``e`` is ``perm(seed, e)[s*B*W:(s+1)*B*W]``, and rank
   ``r`` takes its ``r``-th slice, so ranks see disjoint images and ``len()`` is equal on all;
@@ -20,149 +21,30 @@ count is logged at the end of each pass.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image
 
-from cnntrain.data.crops import (
-    EVAL_RESIZE_RATIO,
-    centre_crop_box,
-    crop_resize,
-    resize_centre_crop,
-    sample_distorted_box,
-    sample_resized_crop_box,
-)
-from cnntrain.data.folder import _to_rgb
+from cnntrain.data.folder import folder_dataset, needs_streaming
 from cnntrain.data.pipeline import BatchPlan, mix_seed
-from cnntrain.errors import DataError
+from cnntrain.data.stream_dataset import IMAGENET_STATS, Encoded, StreamDataset
 
 log = logging.getLogger("cnntrain")
 
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-@dataclass
-class StreamDataset:
-    """A list of samples read lazily: ``items[i]`` is a file path, ``(shard, offset)`` of a
-    TFRecord record, or ``(shard, offset, size)`` of a tar member. ``labels`` int64 [N] in
-    [0, classes); ``shape`` is the crop (3, S, S)."""
-
-    items: list
-    labels: torch.Tensor
-    classes: list[str]
-    image_size: int
-    source: str = ""
-    train: bool = True  # random crop + flip (True) or resize + centre crop (False)
-    min_scale: float = 0.08  # smallest crop area, as a fraction of the image
-    crop: str = "random-resized"  # training crop: random-resized | bbox-distort (crops.sample_distorted_box)
-    decode: str = "host"  # host: workers decode; device: workers pass JPEGs on, the device decodes them
-    _files: dict = field(default_factory=dict, repr=False)  # open shard handles, per worker process
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (3, self.image_size, self.image_size)
-
-    def subset(self, index: torch.Tensor) -> StreamDataset:
-        idx = index.tolist()
-        return replace(self, items=[self.items[i] for i in idx], labels=self.labels[index],
-                       classes=list(self.classes), _files={})
-
-    def as_eval(self) -> StreamDataset:
-        """The same samples with the evaluation transform."""
-        return replace(self, train=False, _files={})
-
-    def read(self, i: int) -> bytes:
-        """The encoded bytes of sample ``i`` (CRC-checked for TFRecord)."""
-        return self.read_with_boxes(i)[0]
-
-    def read_with_boxes(self, i: int) -> tuple[bytes, list[tuple[float, float, float, float]]]:
-        """The encoded bytes of sample ``i`` and its object boxes (TFRecord Examples that carry them)."""
-        item = self.items[i]
-        if isinstance(item, tuple):
-            from cnntrain.data.tfrecord import example_fields, read_record_at
-
-            shard, offset = item[:2]
-            # Keyed by process: a handle inherited through fork shares its file offset with the parent.
-            key = (os.getpid(), shard)
-            handle = self._files.get(key)
-            if handle is None:
-                handle = self._files[key] = open(shard, "rb")  # noqa: SIM115 - kept open for reuse
-            if len(item) == 3:  # a tar member: (shard, offset, size)
-                handle.seek(offset)
-                data = handle.read(item[2])
-                if len(data) != item[2]:
-                    raise DataError(f"{shard}: truncated: member at byte {offset} has {len(data)} of {item[2]} bytes")
-                return data, []
-            where = f"{shard}: record at byte {offset}"
-            image, _, boxes = example_fields(read_record_at(handle, offset, shard, f"at byte {offset}"), where)
-            return image, boxes
-        return Path(item).read_bytes(), []
-
-    def load(self, i: int, seed: int) -> torch.Tensor | Encoded | None:
-        """Sample ``i`` as uint8 [3, S, S]; with ``decode="device"`` an RGB or grey JPEG comes back
-        :class:`Encoded` instead (the same crop, left to :func:`decode_on_device`); None when it
-        cannot be read."""
-        try:
-            data, boxes = self.read_with_boxes(i)
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                if self.decode == "device" and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                    box, flip = self._crop(image.size, boxes, seed)
-                    return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
-                if not self.train and image.format == "JPEG":
-                    # libjpeg can decode at 1/2..1/8 scale: much faster when the image is large.
-                    resize = round(self.image_size * EVAL_RESIZE_RATIO)
-                    image.draft("RGB", (resize, resize))
-                image.load()
-                image = _to_rgb(image)
-                if self.train:
-                    box, flip = self._crop(image.size, boxes, seed)
-                    out = crop_resize(image, box, self.image_size, flip)
-                else:
-                    out = resize_centre_crop(image, self.image_size)
-            return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
-        except Exception as exc:  # noqa: BLE001 - a bad image must not kill a worker; it is counted
-            log.debug("skipping sample %s: %s", self.items[i], exc)
-            return None
-
-    def _crop(self, size: tuple[int, int], boxes: list, seed: int) -> tuple[tuple[int, int, int, int], bool]:
-        """(box of the original image to show, mirror it?) for one sample: a function of ``seed``."""
-        if not self.train:
-            return centre_crop_box(*size, self.image_size), False
-        rng = random.Random(seed)
-        box = sample_distorted_box(*size, rng, boxes, self.min_scale) if self.crop == "bbox-distort" else \
-            sample_resized_crop_box(*size, rng, self.min_scale)
-        return box, rng.random() < 0.5
-
-
-@dataclass
-class Encoded:
-    """A JPEG for the training device to decode: its bytes, the box to show and the mirror flag."""
-
-    data: torch.Tensor  # uint8 [n], the file's bytes
-    box: tuple[int, int, int, int]  # left, top, right, bottom in the full image
-    flip: bool
+# Imported from here by older code (and bench.py): the set types now live in stream_dataset.py,
+# the folder lister in folder.py.
+__all__ = ["IMAGENET_STATS", "Encoded", "StreamDataset", "StreamLoader", "balance_threads", "decode_on_device",
+           "default_workers", "folder_dataset", "needs_streaming", "usable_cores"]
 
 
 def decode_on_device(encoded: Sequence[Encoded], size: int, device: torch.device) -> list[torch.Tensor | None]:
     """Decode JPEGs on ``device`` (nvJPEG on CUDA, libjpeg-turbo on CPU) in one batched call, then
     crop, resize (antialiased bilinear, as PIL's) and mirror each there: uint8 [3, S, S] each, or
-    None for one that does not decode."""
+    None for one that does not decode. The pixel limit was checked from each JPEG's header (PIL
+    reads it without decoding) when :meth:`StreamDataset.load` made the :class:`Encoded`."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
@@ -310,34 +192,3 @@ class StreamLoader(BatchPlan):
         if skipped:
             log.warning("%s: skipped %d unreadable or corrupt image(s) in this pass (%s)", self.data.source,
                         skipped, f"epoch {epoch}" if self.shuffle else "evaluation")
-
-
-
-def folder_dataset(split_dir: str | os.PathLike, image_size: int, classes: Sequence[str] | None = None,
-                   min_scale: float = 0.08) -> StreamDataset:
-    """A :class:`StreamDataset` of ``split_dir/<class>/<image>``; zero-byte files are left out now."""
-    from cnntrain.data.folder import scan_image_folder
-
-    samples, names = scan_image_folder(split_dir, classes)
-    kept = [(p, y) for p, y in samples if p.stat().st_size > 0]
-    if len(kept) < len(samples):
-        log.warning("%s: skipped %d empty (zero-byte) file(s)", split_dir, len(samples) - len(kept))
-    labels = torch.tensor([y for _, y in kept], dtype=torch.int64)
-    return StreamDataset([str(p) for p, _ in kept], labels, names, image_size, str(split_dir), min_scale=min_scale)
-
-
-def needs_streaming(split_dir: str | os.PathLike, limit: int = 64, probe: int = 64) -> bool:
-    """True when the first ``probe`` images of a folder differ in size or exceed ``limit`` pixels:
-    then decoding all of them into one tensor would either fail or waste memory."""
-    from cnntrain.data.folder import scan_image_folder
-
-    samples, _ = scan_image_folder(split_dir)
-    sizes = set()
-    step = max(1, len(samples) // probe)  # spread over the classes, not the first class only
-    for path, _ in samples[::step][:probe]:
-        try:
-            with Image.open(path) as image:  # reads the header only
-                sizes.add(image.size)
-        except Exception:  # noqa: BLE001, S112 - unreadable files are counted later by whichever pipeline
-            continue
-    return len(sizes) > 1 or any(max(s) > limit for s in sizes)

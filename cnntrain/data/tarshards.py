@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cnntrain.data.stream_dataset import Box, StreamDataset
 from cnntrain.data.tfrecord import shard_paths
 from cnntrain.errors import DataError
 
@@ -56,17 +57,28 @@ def scan_shard(path: str | os.PathLike) -> list[tuple[int, int, int]]:
     return [(*images[key], labels[key]) for key in sorted(images)]
 
 
+def read_member(data: StreamDataset, item: tuple[str, int, int]) -> tuple[bytes, list[Box]]:
+    """The reader of tar samples: ``item`` is (shard, byte offset of the member's data, its size)."""
+    shard, offset, size = item
+    handle = data.handle(shard)
+    handle.seek(offset)
+    encoded = handle.read(size)
+    if len(encoded) != size:
+        raise DataError(f"{shard}: truncated: member at byte {offset} has {len(encoded)} of {size} bytes")
+    return encoded, []
+
+
 def tar_dataset(root: str | os.PathLike, prefix: str, image_size: int, classes: list[str] | None = None,
-                min_scale: float = 0.08):
-    """A :class:`~cnntrain.data.streaming.StreamDataset` over the shards ``root/<prefix>-*.tar``.
+                min_scale: float = 0.08) -> StreamDataset:
+    """A :class:`~cnntrain.data.stream_dataset.StreamDataset` over the shards ``root/<prefix>-*.tar``.
     Class names come from ``root/index.json`` (written by ``data prepare``), else ``classes``, else
     "0".."K-1"."""
-    from cnntrain.data.streaming import StreamDataset
-
     shards = [p for p in shard_paths(root, prefix) if p.suffix == ".tar"]
     if not shards:
         raise DataError(f"no tar shards {Path(root) / prefix}-*.tar (make them with `cnntrain data prepare "
                         f"--format tar`)")
+    index_path = Path(root) / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     items, labels = [], []
     for shard in shards:
         for offset, size, label in scan_shard(shard):
@@ -74,8 +86,6 @@ def tar_dataset(root: str | os.PathLike, prefix: str, image_size: int, classes: 
             labels.append(label)
     if not items:
         raise DataError(f"tar shards {Path(root) / prefix}-*.tar hold no images")
-    index_path = Path(root) / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     classes = index.get("classes") or classes or [str(k) for k in range(max(labels) + 1)]
     return StreamDataset(items, torch.tensor(labels, dtype=torch.int64), list(classes), image_size,
-                         f"{Path(root) / prefix}-*.tar", min_scale=min_scale)
+                         f"{Path(root) / prefix}-*.tar", min_scale=min_scale, reader=read_member)

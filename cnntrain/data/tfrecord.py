@@ -16,11 +16,15 @@ The Example proto is encoded by hand (it is a tiny part of the protobuf wire for
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
+from cnntrain.data.stream_dataset import Box, StreamDataset
 from cnntrain.errors import DataError
 
 try:  # C implementation: ~1000x faster than the table loop below on full-size JPEGs
@@ -255,7 +259,7 @@ def example_image_label(data: bytes, where: str) -> tuple[bytes, int]:
 BOX_KEYS = ("image/object/bbox/ymin", "image/object/bbox/xmin", "image/object/bbox/ymax", "image/object/bbox/xmax")
 
 
-def example_fields(data: bytes, where: str) -> tuple[bytes, int, list[tuple[float, float, float, float]]]:
+def example_fields(data: bytes, where: str) -> tuple[bytes, int, list[Box]]:
     """(encoded image, 0-based label, object boxes) of an ImageNet-style Example. Boxes are
     (ymin, xmin, ymax, xmax) in [0, 1], as ImageNet's TFRecords store them; none when absent."""
     try:
@@ -281,20 +285,22 @@ def shard_paths(root: str | os.PathLike, prefix: str) -> list[Path]:
     return sorted(p for p in Path(root).glob(f"{prefix}-*") if p.is_file() and p.suffix not in (".json", ".tmp"))
 
 
+def read_example(data: StreamDataset, item: tuple[str, int]) -> tuple[bytes, list[Box]]:
+    """The reader of TFRecord samples: ``item`` is (shard, byte offset of the record)."""
+    shard, offset = item
+    record = read_record_at(data.handle(shard), offset, shard, f"at byte {offset}")
+    image, _, boxes = example_fields(record, f"{shard}: record at byte {offset}")
+    return image, boxes
+
+
 def tfrecord_dataset(root: str | os.PathLike, prefix: str, image_size: int, classes: list[str] | None = None,
-                     min_scale: float = 0.08):
-    """A :class:`~cnntrain.data.streaming.StreamDataset` over the shards ``root/<prefix>-*``.
+                     min_scale: float = 0.08) -> StreamDataset:
+    """A :class:`~cnntrain.data.stream_dataset.StreamDataset` over the shards ``root/<prefix>-*``.
 
     The record offsets and labels come from ``root/index.json`` (written by ``cnntrain data
     prepare``) when it lists these shards; otherwise every shard is read once, CRC-checked, to find
     them. Class names come from the index, else ``classes``, else "1".."K" (the 1-based labels).
     """
-    import json
-
-    import torch
-
-    from cnntrain.data.streaming import StreamDataset
-
     shards = shard_paths(root, prefix)
     if not shards:
         raise DataError(f"no TFRecord shards {Path(root) / prefix}-* (make them with `cnntrain data prepare`)")
@@ -315,4 +321,4 @@ def tfrecord_dataset(root: str | os.PathLike, prefix: str, image_size: int, clas
         raise DataError(f"TFRecord shards {Path(root) / prefix}-* hold no records")
     classes = index.get("classes") or classes or [str(k + 1) for k in range(max(labels) + 1)]
     return StreamDataset(items, torch.tensor(labels, dtype=torch.int64), list(classes), image_size,
-                         f"{Path(root) / prefix}-*", min_scale=min_scale)
+                         f"{Path(root) / prefix}-*", min_scale=min_scale, reader=read_example)
