@@ -5,7 +5,8 @@
 
 Images are prepared as the model was evaluated: photo-sized inputs (> 64 px) resized so the
 shorter side is 256/224 of the input size and centre-cropped; small inputs (CIFAR, MNIST)
-resized to the input size. Normalisation uses the mean/std stored with the weights.
+resized to the input size. Normalisation uses the mean/std stored with the weights. An image of
+more than ``max_image_pixels`` pixels is refused from its header, undecoded (``data/images.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnntrain.api import load, load_weights
 from cnntrain.data.crops import resize_centre_crop
 from cnntrain.data.folder import IMAGE_EXTENSIONS
-from cnntrain.data.images import to_rgb
+from cnntrain.data.images import MAX_IMAGE_PIXELS, open_image, to_rgb
 from cnntrain.errors import DataError
 
 
@@ -44,10 +46,11 @@ def image_files(inputs: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def prepare_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """uint8 [C, H, W] for a model taking ``shape`` = (C, H, W)."""
+def prepare_image(path: Path, shape: tuple[int, int, int], max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """uint8 [C, H, W] for a model taking ``shape`` = (C, H, W). Raises :class:`DataError` naming
+    the file when it has more than ``max_pixels`` pixels (0: no limit)."""
     channels, height, width = shape
-    with Image.open(path) as image:
+    with open_image(path, str(path), max_pixels) as image:
         image.load()
         image = to_rgb(image)
     if height > 64 and height == width:
@@ -63,12 +66,12 @@ def prepare_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, top_k: int = 5,
-            device: str = "cpu", batch_size: int = 32) -> list[Prediction]:
+            device: str = "cpu", batch_size: int = 32, max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Prediction]:
     """Top-``top_k`` (class, probability) for every image in ``inputs`` (files or folders).
 
-    A file that cannot be decoded gets a :class:`Prediction` with ``error`` set instead of a crash.
+    A file that cannot be decoded, or has more than ``max_image_pixels`` pixels (0: no limit), gets
+    a :class:`Prediction` with ``error`` set instead of a crash.
     """
-    from cnntrain.api import load, load_weights
 
     _, _, meta = load_weights(checkpoint)
     model = load(checkpoint, device)
@@ -94,7 +97,9 @@ def predict(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, t
 
     for i, path in enumerate(files):
         try:
-            pending.append((i, prepare_image(path, shape)))
+            pending.append((i, prepare_image(path, shape, max_image_pixels)))
+        except DataError as exc:
+            results[i].error = str(exc)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             results[i].error = f"not a readable image ({type(exc).__name__}: {exc})"
         if len(pending) >= batch_size:

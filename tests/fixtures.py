@@ -223,6 +223,34 @@ def write_image_folder(root: str | os.PathLike, classes: Sequence[str] = ("cat",
     return split_dir
 
 
+def jpeg_bytes(size: tuple[int, int] = (16, 16), *, claim: tuple[int, int] | None = None, seed: int = 0) -> bytes:
+    """A small RGB JPEG of ``size=(w, h)``. ``claim=(w, h)`` (each at most 65535) patches its SOF0
+    header to announce that size instead: a decompression bomb's header, a few hundred bytes that
+    decoders would give gigabytes for (nothing after the header matches it)."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "JPEG", quality=90)
+    data = bytearray(out.getvalue())
+    if claim is not None:
+        sof = data.index(b"\xff\xc0")  # baseline SOF0: marker, length (2), precision (1), height (2), width (2)
+        data[sof + 5: sof + 9] = claim[1].to_bytes(2, "big") + claim[0].to_bytes(2, "big")
+    return bytes(data)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose IHDR announces ``width`` x ``height`` RGB pixels (up to 2^31 - 1 each) with one
+    empty IDAT: opening it reads the size, decoding it would allocate width * height * 3 bytes."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 # ---------------------------------------------------------------------------------------- HTTP server
 
 class _Handler(SimpleHTTPRequestHandler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import torch
 from PIL import Image
 
 from cnntrain.data.folder import decode_image, find_split, load_image_folder, scan_image_folder
+from cnntrain.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, open_image
 from cnntrain.errors import DataError
-from tests.fixtures import write_image_folder
+from tests.fixtures import jpeg_bytes, png_claiming, write_image_folder
 
 
 def test_scan_sorted_and_filtered(tmp_path: Path) -> None:
@@ -122,6 +124,43 @@ def test_decode_errors_name_the_file(tmp_path: Path) -> None:
     text.write_text("hello")
     with pytest.raises(DataError, match=f"{text} is not a readable image"):
         decode_image(text)
+
+
+def test_images_over_the_pixel_limit_are_refused_from_their_header(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(jpeg_bytes(claim=(20000, 20000)))  # 400 Mpx claimed in a few hundred bytes
+    with pytest.raises(ImageTooLarge, match=f"{bomb}: .*400,000,000 pixels.*178,956,970.*--max-image-pixels"):
+        decode_image(bomb)
+    png = tmp_path / "bomb.png"
+    png.write_bytes(png_claiming(100_000, 100_000))
+    with pytest.raises(DataError, match=f"{png}: .*10,000,000,000 pixels"):
+        decode_image(png)
+    small = tmp_path / "small.jpg"
+    small.write_bytes(jpeg_bytes((40, 30)))
+    with pytest.raises(DataError, match=r"small.jpg: the image is 40x30 \(1,200 pixels\), over the limit of 1,000"):
+        decode_image(small, max_pixels=1000)
+    assert decode_image(small, max_pixels=1200).shape == (3, 30, 40)
+
+
+def test_a_limit_above_pils_own_lets_larger_headers_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    claim = png_claiming(20000, 20000)
+    with pytest.raises(ImageTooLarge), open_image(io.BytesIO(claim), "x.png"):  # PIL's own limit refuses it
+        pass
+    with open_image(io.BytesIO(claim), "x.png", limit=500_000_000) as image:
+        assert image.size == (20000, 20000)  # opened, not decoded
+    with open_image(io.BytesIO(claim), "x.png", limit=0) as image:
+        assert image.size == (20000, 20000)
+    assert MAX_IMAGE_PIXELS == 178_956_970
+
+
+def test_in_memory_folder_skips_images_over_the_limit_and_names_one(tmp_path: Path, caplog) -> None:
+    split = write_image_folder(tmp_path, ("a", "b"), per_class=2)
+    (split / "b" / "huge.png").write_bytes(png_claiming(30000, 30000))
+    with caplog.at_level(logging.WARNING, logger="cnntrain"):
+        data = load_image_folder(tmp_path, "train")
+    assert len(data) == 4
+    assert "skipped 1 unreadable" in caplog.text and "huge.png: the image has 900,000,000 pixels" in caplog.text
 
 
 def test_real_palette_gif(real_data: Path, tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import cnntrain
 from cnntrain.cli import main
 from cnntrain.errors import ConfigError, DataError
 from cnntrain.export import export
-from cnntrain.predict import predict
-from tests.fixtures import write_image_folder
+from cnntrain.predict import predict, prepare_image
+from tests.fixtures import jpeg_bytes, png_claiming, write_image_folder
 from tests.helpers import tiny
 
 
@@ -39,6 +39,18 @@ def test_predict_folder_gives_named_top_k(run: Path, tmp_path: Path) -> None:
     assert "not a readable image" in results[6].error
     with pytest.raises(DataError, match="neither"):
         predict(run, [tmp_path / "missing.png"])
+
+
+def test_predict_refuses_images_over_the_pixel_limit_by_name(run: Path, tmp_path: Path) -> None:
+    (tmp_path / "bomb.png").write_bytes(png_claiming(50000, 50000))
+    (tmp_path / "photo.jpg").write_bytes(jpeg_bytes((64, 48)))
+    bomb, photo = predict(run, [tmp_path], top_k=1)
+    assert "bomb.png: the image has 2,500,000,000 pixels" in bomb.error and "--max-image-pixels" in bomb.error
+    assert not bomb.top and not photo.error and len(photo.top) == 1
+    (limited,) = predict(run, [tmp_path / "photo.jpg"], max_image_pixels=3000)
+    assert "photo.jpg: the image is 64x48 (3,072 pixels), over the limit of 3,000" in limited.error
+    with pytest.raises(DataError, match="over the limit of 100 pixels"):
+        prepare_image(tmp_path / "photo.jpg", (3, 32, 32), max_pixels=100)
 
 
 def test_predict_cli(run: Path, capsys) -> None:

@@ -14,12 +14,20 @@ from cnntrain.cli import main
 from cnntrain.data.prepare import prepare, verify
 from cnntrain.data.tfrecord import decode_example, iter_records, shard_paths
 from cnntrain.errors import ConfigError, DataError
+from tests.fixtures import png_claiming
 from tests.test_streaming import write_mixed_folder
 
 
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     return write_mixed_folder(tmp_path / "photos")
+
+
+def test_prepare_skips_images_over_the_pixel_limit(photos: Path, tmp_path: Path) -> None:
+    (photos / "train" / "bee" / "bomb.png").write_bytes(png_claiming(40000, 40000))
+    result = prepare(photos, tmp_path / "out", shards=1, resize=48)
+    assert result.counts["train"] == 13 and result.skipped == 3  # empty + truncated + the 1.6-gigapixel PNG
+    assert prepare(photos, tmp_path / "tight", shards=1, max_pixels=3600).counts["train"] == 5  # <= 3,600 px
 
 
 def test_prepare_writes_labelled_resized_rgb_jpegs(photos: Path, tmp_path: Path) -> None:

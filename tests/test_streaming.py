@@ -21,6 +21,7 @@ from cnntrain.data.streaming import StreamLoader
 from cnntrain.data.tfrecord import TFRecordWriter, encode_example, example_fields
 from cnntrain.errors import DataError
 from cnntrain.models import get_spec
+from tests.fixtures import jpeg_bytes
 from tests.helpers import tiny
 
 CPU = torch.device("cpu")
@@ -206,3 +207,38 @@ def test_options_for_the_other_kind_of_set_are_named_as_ignored(photos: Path, ca
         load_data(build_config(dataset="folder", data_dir=str(photos), model="resnet20", crop="bbox-distort"))
         assert "ignored" not in caplog.text
 
+
+@pytest.mark.parametrize("decode", ["host", "device"])
+def test_images_over_the_pixel_limit_are_skipped_unread_and_named(tmp_path: Path, caplog, decode: str) -> None:
+    """A JPEG header claiming 20000x20000: neither the workers nor the device decode it (the device
+    gets no Encoded for it); the warning names the file, its size and the option."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    (folder / "ok.jpg").write_bytes(jpeg_bytes((40, 30)))
+    (folder / "bomb.jpg").write_bytes(jpeg_bytes(claim=(20000, 20000)))
+    data = replace(folder_dataset(tmp_path / "train", 16), decode=decode)
+    with caplog.at_level("WARNING", "cnntrain"):
+        assert data.load(0, seed=1) is None and data.load(1, seed=1) is not None  # bomb.jpg sorts first
+    assert f"{folder / 'bomb.jpg'}: the image has 400,000,000 pixels" in caplog.text
+    assert "--max-image-pixels" in caplog.text
+    tight = replace(data, max_pixels=1000)  # 40x30 = 1,200 pixels
+    with caplog.at_level("WARNING", "cnntrain"):
+        assert tight.load(1, seed=1) is None
+    assert "ok.jpg: the image is 40x30 (1,200 pixels), over the limit of 1,000" in caplog.text
+    images, labels = next(_loader(data, batch=2).iterate(epoch=0))
+    assert images.shape == (1, 3, 16, 16) and labels.tolist() == [0]
+    options = dict(dataset="folder", data_dir=str(tmp_path), max_image_pixels=1000)
+    assert load_data(build_config(pipeline="stream", **options)).train.max_pixels == 1000  # reaches the workers
+    with pytest.raises(DataError, match="none of the 2 image files"):  # and the in-memory decoder
+        load_data(build_config(pipeline="memory", **options))
+
+
+def test_pixel_limit_names_the_shard_and_record_of_a_tfrecord_image(tmp_path: Path, caplog) -> None:
+    with TFRecordWriter(tmp_path / "train-00000-of-00001") as writer:
+        writer.write(encode_example({"image/encoded": [jpeg_bytes()], "image/class/label": [1]}))
+        bomb_at = writer.write(encode_example({"image/encoded": [jpeg_bytes(claim=(30000, 30000))],
+                                               "image/class/label": [2]}))
+    data = load_data(build_config(dataset="tfrecord", data_dir=str(tmp_path), image_size=16)).train
+    with caplog.at_level("WARNING", "cnntrain"):
+        assert data.load(0, seed=0) is not None and data.load(1, seed=0) is None
+    assert f"train-00000-of-00001: record at byte {bomb_at}: the image has 900,000,000 pixels" in caplog.text

@@ -106,9 +106,10 @@ def _folder(cfg: TrainConfig, stream_size: int):
     if cfg.pipeline == "stream" or (cfg.pipeline == "auto" and needs_streaming(root / "train")):
         return _stream_folder(cfg, stream_size)
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
-    train = load_image_folder(root, "train", size=size)
+    limit = cfg.max_image_pixels
+    train = load_image_folder(root, "train", size=size, max_pixels=limit)
     split = find_split(root)
-    test = load_image_folder(root, split, size=size, classes=train.classes) if split else None
+    test = load_image_folder(root, split, size=size, classes=train.classes, max_pixels=limit) if split else None
     stats = channel_stats(train)
     augment = "crop-flip" if max(train.shape[1:]) <= 64 else "flip"
     return train, test, stats, augment
@@ -160,6 +161,7 @@ def load_data(cfg: TrainConfig, input_size: tuple[int, int, int] | None = None) 
         for part in (train, test):
             if part is not None:
                 part.decode = cfg.decode
+                part.max_pixels = cfg.max_image_pixels
     _warn_unused_options(cfg, streamed)
     val, val_name = test, "test"
     if cfg.val_split:

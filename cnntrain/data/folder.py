@@ -2,6 +2,7 @@
 
 :func:`load_image_folder` is for small sets (every image is decoded once into one uint8 tensor);
 large sets go through the streaming pipeline, for which :func:`folder_dataset` lists the files.
+Images over the pixel limit (``images.py``) are refused from their header, unread, like corrupt ones.
 
     >>> train = load_image_folder("data/hymenoptera_data", "train", size=(64, 64))  # doctest: +SKIP
     >>> val = load_image_folder("data/hymenoptera_data", find_split("data/hymenoptera_data"),
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from cnntrain.data.base import ArrayDataset
-from cnntrain.data.images import to_rgb
+from cnntrain.data.images import MAX_IMAGE_PIXELS, open_image, to_rgb
 from cnntrain.data.stream_dataset import StreamDataset
 from cnntrain.errors import DataError, did_you_mean
 
@@ -88,12 +89,12 @@ def find_split(root: str | os.PathLike, names: Sequence[str] = ("val", "validati
     return None
 
 
-def _decode_array(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+def _decode_array(path: Path, size: tuple[int, int] | None, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode to uint8 [H, W, 3], resized to ``size=(h, w)`` when given."""
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path} is an empty (zero-byte) file")
-        with Image.open(path) as image:
+        with open_image(path, str(path), max_pixels) as image:
             if size is not None and image.format == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
                 image.draft("RGB", (size[1], size[0]))
@@ -109,14 +110,15 @@ def _decode_array(path: Path, size: tuple[int, int] | None) -> np.ndarray:
         raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e})") from e
 
 
-def decode_image(path: str | os.PathLike) -> torch.Tensor:
+def decode_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Decode one image file (any format PIL reads) to uint8 RGB [3, H, W].
 
     Greyscale, palette, CMYK and alpha images are converted to RGB (alpha is dropped). Raises
-    :class:`DataError` naming the file when it is empty, truncated or not an image.
+    :class:`DataError` naming the file when it is empty, truncated, not an image or larger than
+    ``max_pixels`` (width x height; 0: no limit).
     """
     # The transposed copy is writable; torch warns about read-only arrays such as PIL's buffer.
-    return torch.from_numpy(np.ascontiguousarray(_decode_array(Path(path), None).transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(_decode_array(Path(path), None, max_pixels).transpose(2, 0, 1)))
 
 
 class _SizeMismatch(Exception):
@@ -142,12 +144,14 @@ def load_image_folder(
     size: tuple[int, int] | None = None,
     classes: Sequence[str] | None = None,
     workers: int | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ArrayDataset:
     """Decode every image of ``root/<split>`` into one uint8 tensor [N, 3, H, W].
 
     All images must have one size, or ``size=(h, w)`` (pixels) resizes each one (bilinear, aspect
-    ratio not kept). Unreadable files are skipped with one warning that counts them; no readable
-    image at all is a :class:`DataError`. ``classes`` reuses another split's class list.
+    ratio not kept). Unreadable files, and images of more than ``max_pixels`` (0: no limit), are
+    skipped with one warning that counts them and names one; no readable image at all is a
+    :class:`DataError`. ``classes`` reuses another split's class list.
     ``workers`` threads decode in parallel (PIL releases the GIL while decoding); default: 2 per core.
     """
     split_dir = Path(root) / split
@@ -160,7 +164,7 @@ def load_image_folder(
     if target is None:  # the first readable image fixes the size all others must have
         while target is None and first_ok < len(paths):
             try:
-                target = _decode_array(paths[first_ok], None).shape[:2]
+                target = _decode_array(paths[first_ok], None, max_pixels).shape[:2]
             except DataError as e:
                 failures.append(str(e))
                 first_ok += 1
@@ -176,7 +180,7 @@ def load_image_folder(
     def decode_chunk(start: int) -> None:
         for i in range(max(start, first_ok), min(start + _CHUNK, len(paths))):
             try:
-                array = _decode_array(paths[i], size)
+                array = _decode_array(paths[i], size, max_pixels)
             except DataError as e:
                 ok[i] = False
                 failures.append(str(e))

@@ -7,7 +7,8 @@
 The output is a pure function of the input files and the options: samples are shuffled with a
 fixed seed (so each shard mixes classes), images re-encoded with fixed settings, tar members
 carry fixed metadata. ``index.json`` lists the classes and, per shard, its size, record offsets
-and 0-based labels, so readers need not scan the shards. Unreadable images are skipped and counted.
+and 0-based labels, so readers need not scan the shards. Unreadable images, and images over the
+pixel limit (``images.py``), are skipped and counted.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from cnntrain.data.folder import find_split, scan_image_folder
-from cnntrain.data.images import to_rgb
+from cnntrain.data.images import MAX_IMAGE_PIXELS, open_image, to_rgb
 from cnntrain.data.tfrecord import TFRecordWriter, encode_example, iter_records, shard_paths
 from cnntrain.errors import ConfigError, DataError
 
@@ -43,11 +44,11 @@ class PrepareResult:
     shards: list[Path]
 
 
-def _encode(path: Path, resize: int) -> tuple[bytes, int, int]:
+def _encode(path: Path, resize: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[bytes, int, int]:
     """JPEG bytes (h, w) of one image: the original file when it is already an RGB JPEG that needs
     no resizing, else decoded, converted to RGB, shorter side shrunk to ``resize`` and re-encoded."""
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(io.BytesIO(data), str(path), max_pixels) as image:
         if resize and min(image.size) > resize and image.format == "JPEG":
             image.draft("RGB", (resize, resize))  # decode at reduced scale when much larger
         image.load()
@@ -73,13 +74,14 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def prepare(src: str | os.PathLike, dest: str | os.PathLike, *, shards: int = 8, resize: int = 0,
-            fmt: str = "tfrecord", workers: int = 0) -> PrepareResult:
+            fmt: str = "tfrecord", workers: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> PrepareResult:
     """Convert ``src/train`` (and ``src/val|validation|test`` when present) into ``shards`` shards
     per split in ``dest``: ``train-NNNNN-of-MMMMM`` and ``validation-NNNNN-of-MMMMM``.
 
     ``resize`` (pixels, 0: keep) shrinks each image's shorter side; ``fmt`` is ``tfrecord``
     (``image/encoded``, 1-based ``image/class/label``, ...) or ``tar`` (``NNNNNNNN.jpg`` +
-    ``NNNNNNNN.cls`` members). Returns the counts; raises :class:`DataError` for a bad source.
+    ``NNNNNNNN.cls`` members). Images of more than ``max_pixels`` (0: no limit) are skipped like
+    unreadable ones. Returns the counts; raises :class:`DataError` for a bad source.
     """
     if fmt not in ("tfrecord", "tar"):
         raise ConfigError(f"--format {fmt!r} is not one of tfrecord, tar")
@@ -106,8 +108,8 @@ def prepare(src: str | os.PathLike, dest: str | os.PathLike, *, shards: int = 8,
         def encode(sample, root=src):
             path, label = sample
             try:
-                return _encode(path, resize), label, path.relative_to(root).as_posix()
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                return _encode(path, resize, max_pixels), label, path.relative_to(root).as_posix()
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, DataError) as exc:
                 return exc, label, str(path)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while coding

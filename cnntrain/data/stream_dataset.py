@@ -2,8 +2,8 @@
 
 A :class:`StreamDataset` lists its samples and reads one at a time with the reader the format
 module gave it (:func:`read_file` here, ``tfrecord.read_example``, ``tarshards.read_member``), so
-this module knows no format and every format module can build one. Decoding and the crop
-(``crops.py``) are the same for all formats. The loader that batches
+this module knows no format and every format module can build one. Decoding, the pixel limit
+(``images.py``) and the crop (``crops.py``) are the same for all formats. The loader that batches
 samples across worker processes is in ``streaming.py``.
 """
 
@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cnntrain.data.crops import (
     EVAL_RESIZE_RATIO,
@@ -30,7 +29,7 @@ from cnntrain.data.crops import (
     sample_distorted_box,
     sample_resized_crop_box,
 )
-from cnntrain.data.images import to_rgb
+from cnntrain.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, open_image, to_rgb
 
 log = logging.getLogger("cnntrain")
 
@@ -70,6 +69,7 @@ class StreamDataset:
     crop: str = "random-resized"  # training crop: random-resized | bbox-distort (crops.sample_distorted_box)
     decode: str = "host"  # host: workers decode; device: workers pass JPEGs on, the device decodes them
     reader: Callable[[StreamDataset, Any], tuple[bytes, list[Box]]] = read_file
+    max_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused unread (images.open_image); 0: no limit
     _files: dict = field(default_factory=dict, repr=False)  # open shard handles, per worker process
 
     def __len__(self) -> int:
@@ -101,6 +101,13 @@ class StreamDataset:
             handle = self._files[key] = open(shard, "rb")  # noqa: SIM115 - kept open for reuse
         return handle
 
+    def where(self, i: int) -> str:
+        """Sample ``i`` for messages: its file, or its shard and byte offset."""
+        item = self.items[i]
+        if isinstance(item, tuple):
+            return f"{item[0]}: {'record' if len(item) == 2 else 'member'} at byte {item[1]}"
+        return str(item)
+
     def read(self, i: int) -> bytes:
         """The encoded bytes of sample ``i`` (CRC-checked for TFRecord)."""
         return self.read_with_boxes(i)[0]
@@ -112,10 +119,10 @@ class StreamDataset:
     def load(self, i: int, seed: int) -> torch.Tensor | Encoded | None:
         """Sample ``i`` as uint8 [3, S, S]; with ``decode="device"`` an RGB or grey JPEG comes back
         :class:`Encoded` instead (the same crop, left to ``streaming.decode_on_device``); None when
-        it cannot be read."""
+        it cannot be read or is over the pixel limit (checked from the header, before decoding)."""
         try:
             data, boxes = self.read_with_boxes(i)
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            with open_image(io.BytesIO(data), self.where(i), self.max_pixels) as image:  # reads the header only
                 if self.decode == "device" and image.format == "JPEG" and image.mode in ("RGB", "L"):
                     box, flip = self._crop(image.size, boxes, seed)
                     return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
@@ -131,6 +138,9 @@ class StreamDataset:
                 else:
                     out = resize_centre_crop(image, self.image_size)
             return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
+        except ImageTooLarge as exc:  # skipped like a corrupt file, but said at once: the limit may need raising
+            log.warning("skipping %s", exc)
+            return None
         except Exception as exc:  # noqa: BLE001 - a bad image must not kill a worker; it is counted
             log.debug("skipping sample %s: %s", self.items[i], exc)
             return None
