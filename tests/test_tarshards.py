@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def test_malformed_shards_are_data_errors_naming_the_shard(tmp_path: Path, membe
     with pytest.raises(DataError, match=message) as info:
         scan_shard(path)
     assert str(path) in str(info.value)
+
+
+def test_class_indices_outside_the_classes_name_the_shard_and_member(tmp_path: Path) -> None:
+    shard = _shard(tmp_path / "train-0.tar", [("a.jpg", JPEG), ("a.cls", b"0"), ("b.jpg", JPEG), ("b.cls", b"-1")])
+    with pytest.raises(DataError, match=r"train-0.tar: b.cls holds class index -1, outside 0 or more"):
+        tar_dataset(tmp_path, "train", 32)
+    _shard(shard, [("a.jpg", JPEG), ("a.cls", b"0"), ("b.jpg", JPEG), ("b.cls", b"2")])
+    assert tar_dataset(tmp_path, "train", 32).classes == ["0", "1", "2"]  # no class list: made up
+    (tmp_path / "index.json").write_text(json.dumps({"classes": ["ant", "bee"]}))
+    with pytest.raises(DataError, match=r"train-0.tar: b.cls holds class index 2, outside \[0, 2\)"):
+        tar_dataset(tmp_path, "train", 32)
+    with pytest.raises(DataError, match=r"b.cls holds class index 2, outside \[0, 1\)"):
+        scan_shard(shard, num_classes=1)
 
 
 def test_truncated_and_compressed_shards_are_refused(tmp_path: Path) -> None:

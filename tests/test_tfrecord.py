@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cnntrain.data.tfrecord import (
     example_image_label,
     iter_records,
     masked_crc,
+    read_record_at,
     tfrecord_dataset,
 )
 from cnntrain.errors import DataError
@@ -116,6 +118,47 @@ def test_truncated_shard_is_a_data_error(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(DataError, match="record 4.*truncated"):
         list(iter_records(path))
+
+
+@pytest.mark.parametrize("claim, message", [
+    (1 << 40, "claims 1,099,511,627,776 bytes, more than the 67,108,864 a record may hold"),
+    (65 << 20, "claims 68,157,440 bytes, more than the 67,108,864"),
+    (1 << 20, r"is truncated \(\d+ of 1048580 bytes\)"),  # under the cap, past the end of the shard
+])
+def test_a_record_length_beyond_the_cap_or_the_shard_is_refused_before_reading(tmp_path: Path, claim: int,
+                                                                               message: str) -> None:
+    """The length has a valid CRC, so only the size tells a hostile or broken header."""
+    path = tmp_path / "train-00000-of-00001"
+    records = _write(path, 2)
+    length = struct.pack("<Q", claim)
+    raw = bytearray(path.read_bytes())
+    second = 16 + len(records[0])
+    raw[second: second + 12] = length + struct.pack("<I", masked_crc(length))
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"train-00000-of-00001: record 1 \(byte offset {second}\).*{message}"):
+        list(iter_records(path))
+    with open(path, "rb") as f, pytest.raises(DataError, match=r"record 0 .*claims \d+ bytes, more than the 10 "):
+        read_record_at(f, 0, path, 0, max_bytes=10)  # the cap is a parameter; record 0 itself is intact
+
+
+def test_labels_outside_the_classes_name_the_shard_and_record(tmp_path: Path) -> None:
+    with TFRecordWriter(tmp_path / "train-00000-of-00001") as w:
+        w.write(encode_example({"image/encoded": [b"a"], "image/class/label": [1]}))
+        zero_at = w.write(encode_example({"image/encoded": [b"b"], "image/class/label": [0]}))  # 1-based: 0 is bad
+    with pytest.raises(DataError, match=rf"train-00000-of-00001: record at byte {zero_at}: image/class/label 0 is "
+                                        r"outside 1 or more \(labels are 1-based\)"):
+        tfrecord_dataset(tmp_path, "train", 32)
+    with TFRecordWriter(tmp_path / "train-00000-of-00001") as w:
+        w.write(encode_example({"image/encoded": [b"a"], "image/class/label": [1]}))
+        big_at = w.write(encode_example({"image/encoded": [b"b"], "image/class/label": [3]}))
+    (tmp_path / "index.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    with pytest.raises(DataError, match=rf"record at byte {big_at}: image/class/label 3 is outside 1..2"):
+        tfrecord_dataset(tmp_path, "train", 32)
+    (tmp_path / "index.json").unlink()
+    with TFRecordWriter(tmp_path / "train-00000-of-00001") as w:
+        w.write(encode_example({"image/encoded": [b"a"], "image/class/label": [10**9]}))
+    with pytest.raises(DataError, match=r"largest label 1000000000 would make 1,000,000,000 classes"):
+        tfrecord_dataset(tmp_path, "train", 32)  # no class list: the names would be made up from the label
 
 
 def test_dataset_without_index_scans_shards_and_uses_zero_based_labels(tmp_path: Path) -> None:

@@ -30,10 +30,12 @@ from cnntrain.data.crops import (
     sample_resized_crop_box,
 )
 from cnntrain.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, open_image, to_rgb
+from cnntrain.errors import DataError
 
 log = logging.getLogger("cnntrain")
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+MAX_CLASSES = 1 << 20  # class names made up from the largest label (no class list given) stop here
 
 Box = tuple[float, float, float, float]  # ymin, xmin, ymax, xmax in [0, 1]
 
@@ -154,3 +156,15 @@ class StreamDataset:
             sample_resized_crop_box(*size, rng, self.min_scale)
         return box, rng.random() < 0.5
 
+
+def class_names(labels: list[int], classes: list[str] | None, source: str, first: int = 0) -> list[str]:
+    """``classes`` when given, else names made up from the largest label: "0".."K-1" (``first``
+    0) or "1".."K" (1-based files). Refuses a made-up list longer than :data:`MAX_CLASSES`: a
+    corrupt label must not allocate millions of names."""
+    if classes:
+        return list(classes)
+    count = max(labels) + 1
+    if count > MAX_CLASSES:
+        raise DataError(f"{source}: largest label {max(labels) + first} would make {count:,} classes, more than "
+                        f"{MAX_CLASSES:,}; the label is corrupt, or list the classes in index.json")
+    return [str(k + first) for k in range(count)]

@@ -5,7 +5,7 @@ Shards are read in place, never extracted: the member headers are scanned once f
 byte offset and size, and workers read those bytes directly. Only plain (uncompressed) tar is
 accepted, since a compressed member cannot be read at an offset. Any member that is not a regular
 file (link, device, folder) is refused, as are an image without its label and a label that is not
-an integer, each naming the shard and the key.
+an integer, is negative or is not one of the classes, each naming the shard and the member.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from cnntrain.data.stream_dataset import Box, StreamDataset
+from cnntrain.data.stream_dataset import Box, StreamDataset, class_names
 from cnntrain.data.tfrecord import shard_paths
 from cnntrain.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-def scan_shard(path: str | os.PathLike) -> list[tuple[int, int, int]]:
-    """(byte offset, size, label) of each image in the tar shard ``path``, in key order."""
+def scan_shard(path: str | os.PathLike, num_classes: int | None = None) -> list[tuple[int, int, int]]:
+    """(byte offset, size, label) of each image in the tar shard ``path``, in key order. Labels
+    must be in [0, ``num_classes``) (when given; else only >= 0)."""
     images: dict[str, tuple[int, int]] = {}
     labels: dict[str, int] = {}
     try:
@@ -40,9 +41,13 @@ def scan_shard(path: str | os.PathLike) -> list[tuple[int, int, int]]:
                 elif ext == ".cls":
                     text = tar.extractfile(member).read(64).strip()
                     try:
-                        labels[key] = int(text)
+                        label = int(text)
                     except ValueError:
                         raise DataError(f"{path}: {member.name} holds {text[:20]!r}, not a class index") from None
+                    if label < 0 or (num_classes is not None and label >= num_classes):
+                        allowed = f"[0, {num_classes})" if num_classes is not None else "0 or more"
+                        raise DataError(f"{path}: {member.name} holds class index {label}, outside {allowed}")
+                    labels[key] = label
     except (tarfile.TarError, EOFError) as exc:
         if "end of data" in str(exc) or isinstance(exc, EOFError):
             raise DataError(f"{path}: truncated tar shard ({exc})") from None
@@ -79,13 +84,14 @@ def tar_dataset(root: str | os.PathLike, prefix: str, image_size: int, classes: 
                         f"--format tar`)")
     index_path = Path(root) / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    known = index.get("classes") or classes
     items, labels = [], []
     for shard in shards:
-        for offset, size, label in scan_shard(shard):
+        for offset, size, label in scan_shard(shard, len(known) if known else None):
             items.append((str(shard), offset, size))
             labels.append(label)
     if not items:
         raise DataError(f"tar shards {Path(root) / prefix}-*.tar hold no images")
-    classes = index.get("classes") or classes or [str(k) for k in range(max(labels) + 1)]
-    return StreamDataset(items, torch.tensor(labels, dtype=torch.int64), list(classes), image_size,
-                         f"{Path(root) / prefix}-*.tar", min_scale=min_scale, reader=read_member)
+    source = f"{Path(root) / prefix}-*.tar"
+    return StreamDataset(items, torch.tensor(labels, dtype=torch.int64), class_names(labels, known, source),
+                         image_size, source, min_scale=min_scale, reader=read_member)

@@ -2,7 +2,9 @@
 
 A record on disk is ``uint64 length | uint32 masked_crc32c(length) | data | uint32
 masked_crc32c(data)`` (little-endian). Both checksums are verified on every read; a mismatch is a
-:class:`DataError` naming the shard, the record number and its byte offset.
+:class:`DataError` naming the shard, the record number and its byte offset. A length of more than
+:data:`MAX_RECORD_BYTES` (64 MiB) or than the rest of the shard is refused before anything is
+allocated for it, even when its CRC matches.
 
 The Example proto is encoded by hand (it is a tiny part of the protobuf wire format)::
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cnntrain.data.stream_dataset import Box, StreamDataset
+from cnntrain.data.stream_dataset import Box, StreamDataset, class_names
 from cnntrain.errors import DataError
 
 try:  # C implementation: ~1000x faster than the table loop below on full-size JPEGs
@@ -33,6 +35,7 @@ except ImportError:  # pragma: no cover - the pure-Python fallback keeps the pac
     _fast_crc = None
 
 _POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
+MAX_RECORD_BYTES = 64 << 20  # one Example; a full-size ImageNet JPEG is under 20 MB
 
 
 def _make_table() -> list[int]:
@@ -215,8 +218,10 @@ class TFRecordWriter:
         self.close()
 
 
-def read_record_at(file, offset: int, shard: str | os.PathLike = "?", index: int | str = "?") -> bytes:
-    """Read and CRC-check the record starting at ``offset`` of the open binary ``file``."""
+def read_record_at(file, offset: int, shard: str | os.PathLike = "?", index: int | str = "?",
+                   max_bytes: int = MAX_RECORD_BYTES) -> bytes:
+    """Read and CRC-check the record starting at ``offset`` of the open binary ``file``. A length
+    over ``max_bytes`` or past the end of the file is refused before it is read."""
     file.seek(offset)
     header = file.read(12)
     where = f"{shard}: record {index} (byte offset {offset})"
@@ -227,6 +232,12 @@ def read_record_at(file, offset: int, shard: str | os.PathLike = "?", index: int
         raise DataError(f"{where}: length CRC mismatch, the shard is corrupt; "
                         "re-create it with `cnntrain data prepare`")
     (length,) = struct.unpack("<Q", length_bytes)
+    if length > max_bytes:
+        raise DataError(f"{where}: its header claims {length:,} bytes, more than the {max_bytes:,} a record may "
+                        "hold; the shard is corrupt or was not written as TFRecord")
+    remaining = _remaining(file, offset + 12)
+    if remaining is not None and remaining < length + 4:
+        raise DataError(f"{where} is truncated ({remaining} of {length + 4} bytes)")
     body = file.read(length + 4)
     if len(body) < length + 4:
         raise DataError(f"{where} is truncated ({len(body)} of {length + 4} bytes)")
@@ -235,6 +246,14 @@ def read_record_at(file, offset: int, shard: str | os.PathLike = "?", index: int
         raise DataError(f"{where}: data CRC mismatch, the shard is corrupt; "
                         "re-create it with `cnntrain data prepare`")
     return data
+
+
+def _remaining(file, position: int) -> int | None:
+    """Bytes of ``file`` after ``position``, or None for a stream without a size."""
+    try:
+        return os.fstat(file.fileno()).st_size - position
+    except (AttributeError, OSError, ValueError):  # e.g. io.BytesIO has no file number
+        return None
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
@@ -300,12 +319,14 @@ def tfrecord_dataset(root: str | os.PathLike, prefix: str, image_size: int, clas
     The record offsets and labels come from ``root/index.json`` (written by ``cnntrain data
     prepare``) when it lists these shards; otherwise every shard is read once, CRC-checked, to find
     them. Class names come from the index, else ``classes``, else "1".."K" (the 1-based labels).
+    A label outside the classes is a :class:`DataError` naming the shard and the record.
     """
     shards = shard_paths(root, prefix)
     if not shards:
         raise DataError(f"no TFRecord shards {Path(root) / prefix}-* (make them with `cnntrain data prepare`)")
     index_path = Path(root) / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    known = index.get("classes") or classes
     items, labels = [], []
     for shard in shards:
         entry = index.get("shards", {}).get(shard.name)
@@ -315,10 +336,15 @@ def tfrecord_dataset(root: str | os.PathLike, prefix: str, image_size: int, clas
             pairs = [(offset, example_image_label(data, f"{shard}: record at byte {offset}")[1])
                      for offset, data in iter_records(shard)]
         for offset, label in pairs:
+            label = int(label)
+            if label < 0 or (known and label >= len(known)):
+                allowed = f"1..{len(known)}" if known else "1 or more"
+                raise DataError(f"{shard}: record at byte {offset}: image/class/label {label + 1} is outside "
+                                f"{allowed} (labels are 1-based)")
             items.append((str(shard), int(offset)))
-            labels.append(int(label))
+            labels.append(label)
     if not items:
         raise DataError(f"TFRecord shards {Path(root) / prefix}-* hold no records")
-    classes = index.get("classes") or classes or [str(k + 1) for k in range(max(labels) + 1)]
-    return StreamDataset(items, torch.tensor(labels, dtype=torch.int64), list(classes), image_size,
-                         f"{Path(root) / prefix}-*", min_scale=min_scale, reader=read_example)
+    source = f"{Path(root) / prefix}-*"
+    return StreamDataset(items, torch.tensor(labels, dtype=torch.int64), class_names(labels, known, source, first=1),
+                         image_size, source, min_scale=min_scale, reader=read_example)
