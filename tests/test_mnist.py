@@ -90,6 +90,25 @@ def test_wrong_dims_and_payload(tmp_path: Path) -> None:
         read_idx(path)
 
 
+def test_gzip_is_never_inflated_past_what_the_idx_header_announces(tmp_path: Path) -> None:
+    """Also without checksum verification (--no-verify): 10 labels announced, 8 MB of zeros packed
+    behind them (8 kB compressed) stop at the header's 18 bytes plus a little slack."""
+    write_mnist(tmp_path, 10, 10)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    header = bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big")
+    labels.write_bytes(gzip.compress(header + bytes(10) + bytes(8 << 20)))
+    with pytest.raises(DataError, match=r"decompresses to more than 82 bytes, more than its IDX header announces "
+                                        r"\(18\)") as err:
+        load_mnist(tmp_path, train=False, verify=False)
+    assert str(labels) in str(err.value)
+    labels.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + (1 << 16).to_bytes(4, "big") * 3))  # 2^48 bytes
+    with pytest.raises(DataError, match="announces 281,474,976,710,672 bytes, more than the 1,073,741,824"):
+        read_idx(labels)
+    two_members = gzip.compress(header) + gzip.compress(bytes(range(10)))  # as `cat a.gz b.gz` makes
+    labels.write_bytes(two_members)
+    assert read_idx(labels).tolist() == list(range(10))
+
+
 def test_label_out_of_range_and_count_mismatch(tmp_path: Path) -> None:
     write_mnist(tmp_path, 10, 10)
     labels = tmp_path / "t10k-labels-idx1-ubyte.gz"

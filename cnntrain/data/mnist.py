@@ -10,7 +10,7 @@ Files are looked for in ``root`` itself and in torchvision's layout (``root/MNIS
 
 from __future__ import annotations
 
-import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -51,6 +51,8 @@ _TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 _UBYTE = 0x08  # IDX type code of unsigned bytes, the only one MNIST uses
 _IMAGE_NDIM, _LABEL_NDIM = 3, 1
 _SIDE = 28  # pixels
+MAX_IDX_BYTES = 1 << 30  # an IDX file claiming more is refused (MNIST's largest holds 47 MB)
+_GZIP_SLACK = 64  # bytes a decompressed file may hold past what its IDX header announces
 
 
 def mnist_resources(variant: str = "mnist") -> dict[str, Resource]:
@@ -63,23 +65,69 @@ def mnist_resources(variant: str = "mnist") -> dict[str, Resource]:
     return resources
 
 
-def read_idx(path: str | os.PathLike, expect_ndim: int | None = None) -> torch.Tensor:
+def _idx_size(header: bytes) -> int | None:
+    """Total bytes (header and data) the IDX header at the start of ``header`` announces; None when
+    it is not a complete IDX header (the structure checks then say what is wrong)."""
+    if len(header) < 4 or header[:2] != b"\0\0" or header[3] == 0:
+        return None
+    ndim = header[3]
+    if len(header) < 4 + 4 * ndim:
+        return None
+    dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return 4 + 4 * ndim + math.prod(dims)
+
+
+def _gunzip(raw: bytes, path: Path, max_bytes: int) -> bytes:
+    """Decompress a gzip file whose content is IDX, never producing more than its header announces
+    (plus :data:`_GZIP_SLACK`) or ``max_bytes``: a small file must not inflate to gigabytes."""
+    peek = zlib.decompressobj(wbits=31)  # 31: gzip wrapper
+    try:
+        expected = _idx_size(peek.decompress(raw, 4 + 4 * 255))  # the longest possible IDX header
+    except zlib.error as e:
+        raise DataError(f"{path} is truncated or corrupt (gzip: {e}); delete it and get it again") from e
+    if expected is not None and expected > max_bytes:
+        raise DataError(f"{path}: its IDX header announces {expected:,} bytes, more than the {max_bytes:,} an IDX "
+                        f"file may hold here; it is not an MNIST file")
+    limit = min(max_bytes, (expected or 4 + 4 * 255) + _GZIP_SLACK)
+    out = bytearray()
+    rest = raw
+    try:
+        while rest:  # a gzip file may hold several members, one after another
+            stream = zlib.decompressobj(wbits=31)
+            out += stream.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit:
+                raise DataError(f"{path} decompresses to more than {limit:,} bytes, more than its IDX header "
+                                f"announces ({expected or 0:,}); it is corrupt or not an MNIST file")
+            if not stream.eof:
+                raise DataError(f"{path} is truncated or corrupt (gzip: the compressed data ends early); "
+                                "delete it and get it again")
+            rest = stream.unused_data
+            if not rest.strip(b"\0"):  # zero padding after the last member, as gzip allows
+                break
+    except zlib.error as e:
+        raise DataError(f"{path} is truncated or corrupt (gzip: {e}); delete it and get it again") from e
+    return bytes(out)
+
+
+def read_idx(path: str | os.PathLike, expect_ndim: int | None = None, max_bytes: int = MAX_IDX_BYTES) -> torch.Tensor:
     """Read an IDX file of unsigned bytes (gzipped or raw) into a uint8 tensor of its dimensions.
 
     Checks the magic number (two zero bytes, type 0x08, number of dimensions), that
     ``expect_ndim`` matches when given (3 for images, 1 for labels) and that the payload holds
-    exactly the announced number of bytes. Raises :class:`DataError` naming the file otherwise.
+    exactly the announced number of bytes. A gzipped file is never inflated past what its header
+    announces (and never past ``max_bytes``), with or without checksum verification. Raises
+    :class:`DataError` naming the file otherwise.
     """
     path = Path(path)
     try:
+        if path.stat().st_size > max_bytes:
+            raise DataError(f"{path} is {path.stat().st_size:,} bytes, more than the {max_bytes:,} an IDX file may "
+                            "hold here; it is not an MNIST file")
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from e
     if raw[:2] == b"\x1f\x8b":  # gzip magic: decide by content, not by file name
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path} is truncated or corrupt (gzip: {e}); delete it and get it again") from e
+        raw = _gunzip(raw, path, max_bytes)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     dtype_code, ndim = raw[2], raw[3]
@@ -93,7 +141,7 @@ def read_idx(path: str | os.PathLike, expect_ndim: int | None = None) -> torch.T
     if ndim == 0 or len(raw) < header:
         raise DataError(f"{path} is truncated or corrupt: incomplete IDX header")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)
     if len(raw) - header != expected:
         raise DataError(f"{path} is truncated or corrupt: dimensions {dims} need {expected} bytes of data, "
                         f"the file holds {len(raw) - header}")
