@@ -131,3 +131,14 @@ def test_merges_into_existing_folder(tmp_path: Path) -> None:
     safe_extract_tar(write_tar(tmp_path / "x.tar", FILES), dest)
     assert (dest / "pkg" / "keep.txt").read_text() == "mine"
     assert (dest / "pkg" / "a.txt").read_bytes() == b"alpha"
+
+
+def test_files_adding_up_past_the_cap_are_refused_and_nothing_is_left(tmp_path: Path) -> None:
+    archive = write_tar(tmp_path / "bomb.tar.gz", {"pkg/a.bin": bytes(600_000), "pkg/b.bin": bytes(600_000)})
+    assert archive.stat().st_size < 10_000  # zeros compress ~1000:1
+    dest = tmp_path / "out"
+    with pytest.raises(DataError, match=r"refusing to extract .*bomb.tar.gz: its files add up to more than "
+                                        r"1,000,000 bytes \(reached at member 'pkg/b.bin'\)"):
+        safe_extract_tar(archive, dest, max_bytes=1_000_000)
+    assert list(dest.iterdir()) == []
+    assert len(safe_extract_tar(archive, dest, max_bytes=1_200_000)) == 2

@@ -102,6 +102,14 @@ def test_download_from_local_server(http_server, tmp_path: Path, monkeypatch: py
     assert len(data) == 20 and (tmp_path / "cifar-10-batches-py" / "data_batch_5").is_file()
 
 
+def test_extraction_is_capped_also_without_verification(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cifar_python_tar(tmp_path, 10, 50, 10)  # about 190 kB extracted
+    monkeypatch.setattr(cifar, "_MAX_EXTRACTED", 100_000)
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz: its files add up to more than 100,000 bytes"):
+        load_cifar(tmp_path, train=True, verify=False)
+    assert not (tmp_path / "cifar-10-batches-py").exists()
+
+
 def test_hostile_pickle_not_executed(tmp_path: Path) -> None:
     class RunsShell:
         def __reduce__(self):

@@ -3,6 +3,9 @@
 Every member is checked before it is written (no absolute paths, no ``..``, no links, no device
 files), everything is extracted into a hidden temporary folder inside ``dest`` and only moved into
 place once the whole archive has been read, so a hostile or truncated archive leaves nothing behind.
+The regular files' sizes (from their headers, before any is written) may add up to at most
+``max_bytes`` (:data:`MAX_EXTRACT_BYTES` unless the caller knows better): a small compressed archive
+can expand to fill the disk.
 The checks are our own, so the behaviour is the same on every Python; where :mod:`tarfile` has the
 ``"data"`` extraction filter (3.10.12+, 3.11.4+) it is used as a second line of defence.
 """
@@ -23,6 +26,7 @@ _HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
 # Raised by the "data" filter; an empty tuple catches nothing where the filter does not exist.
 _FILTER_ERRORS: tuple[type[Exception], ...] = (tarfile.FilterError,) if _HAS_DATA_FILTER else ()
 _BLOCK = 512  # tar header/record block size in bytes
+MAX_EXTRACT_BYTES = 4 << 30  # total size of the files one archive may extract
 
 
 def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
@@ -75,13 +79,15 @@ def _move_into(src: Path, dst: Path, archive: Path) -> None:
     raise DataError(f"cannot extract {archive}: {dst} already exists and is not a {kind}")
 
 
-def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike,
+                     max_bytes: int = MAX_EXTRACT_BYTES) -> list[Path]:
     """Extract ``archive`` (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz) into ``dest`` and return the
     paths of the regular files written, in archive order.
 
     Raises :class:`DataError` naming the archive (and member) for a truncated or corrupt archive,
-    an absolute path, a ``..`` component, a symlink or hard link, or a device file; nothing is
-    written outside ``dest`` and nothing is left in ``dest`` when it fails.
+    an absolute path, a ``..`` component, a symlink or hard link, a device file, or files adding up
+    to more than ``max_bytes``; nothing is written outside ``dest`` and nothing is left in ``dest``
+    when it fails.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
@@ -89,7 +95,7 @@ def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> lis
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
     try:
-        relative = _extract_all(archive, tmp)
+        relative = _extract_all(archive, tmp, max_bytes)
         top_level = sorted({rel.parts[0] for rel in relative} | {p.name for p in tmp.iterdir()})
         for name in top_level:
             _move_into(tmp / name, dest / name, archive)
@@ -102,14 +108,19 @@ def _corrupt(archive: Path, err: BaseException) -> DataError:
     return DataError(f"{archive} is truncated or corrupt ({err}); delete it and download it again")
 
 
-def _extract_all(archive: Path, tmp: Path) -> list[Path]:
+def _extract_all(archive: Path, tmp: Path, max_bytes: int) -> list[Path]:
     """Check and extract every member into ``tmp``; return the relative paths of regular files."""
     files: list[Path] = []
+    total = 0
     try:
         # "r:*" (not the stream mode "r|*") so the end-of-archive check below can seek.
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 _check_member(archive, member)
+                total += member.size if member.isfile() else 0
+                if total > max_bytes:
+                    raise DataError(f"refusing to extract {archive}: its files add up to more than {max_bytes:,} "
+                                    f"bytes (reached at member {member.name!r}); it is not the archive expected")
                 if _HAS_DATA_FILTER:
                     tar.extract(member, tmp, set_attrs=False, filter="data")
                 else:  # pragma: no cover - older Pythons; our own checks above already ran

@@ -27,6 +27,7 @@ from cnntrain.errors import ConfigError, DataError
 
 _URL = "https://www.cs.toronto.edu/~kriz/"
 _PIXELS = 3 * 32 * 32  # bytes per image, channel-major (1024 R, then G, then B)
+_MAX_EXTRACTED = 512 << 20  # bytes; each official archive extracts to about 180 MB
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def _prepare(root: Path, num_classes: int, download: bool, verify: bool) -> None
 
 
 def _extract(tarball: Path, root: Path, layout: _Layout) -> None:
-    safe_extract_tar(tarball, root)
+    safe_extract_tar(tarball, root, max_bytes=_MAX_EXTRACTED)
     if not (root / layout.folder).is_dir():
         raise DataError(f"{tarball} does not contain the folder {layout.folder}/; is it the right archive?")
 
