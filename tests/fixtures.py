@@ -280,7 +280,10 @@ class _Handler(SimpleHTTPRequestHandler):
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(body)))
+        if self.server.send_length:
+            self.send_header("Content-Length", str(len(body)))
+        else:  # the body ends when the connection closes
+            self.close_connection = True
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         cut = self.server.cut_after.pop(path.name, None)
@@ -300,6 +303,7 @@ class _Server(ThreadingHTTPServer):
     requests: list[tuple[str, str | None]]
     honour_range: bool
     cut_after: dict[str, int]
+    send_length: bool
 
 
 class LocalHTTPServer:
@@ -308,6 +312,7 @@ class LocalHTTPServer:
     ``url`` ends with '/'. ``requests`` records (path, Range header). ``honour_range=False``
     answers 200 with the whole file to Range requests. ``cut_after[name] = n`` makes the next
     response for file ``name`` stop after ``n`` body bytes (a dropped connection).
+    ``send_length = False`` leaves Content-Length out: the body ends when the connection closes.
     """
 
     def __init__(self, directory: str | os.PathLike, honour_range: bool = True) -> None:
@@ -316,6 +321,7 @@ class LocalHTTPServer:
         handler = functools.partial(_Handler, directory=str(self.directory))
         self.httpd = _Server(("127.0.0.1", 0), handler)
         self.httpd.requests, self.httpd.honour_range, self.httpd.cut_after = [], honour_range, {}
+        self.httpd.send_length = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         # A short poll interval makes shutdown() (and so each test's teardown) quick.
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -328,6 +334,14 @@ class LocalHTTPServer:
     @property
     def cut_after(self) -> dict[str, int]:
         return self.httpd.cut_after
+
+    @property
+    def send_length(self) -> bool:
+        return self.httpd.send_length
+
+    @send_length.setter
+    def send_length(self, value: bool) -> None:
+        self.httpd.send_length = value
 
     @property
     def honour_range(self) -> bool:

@@ -96,7 +96,7 @@ def test_download_from_local_server(http_server, tmp_path: Path, monkeypatch: py
     tarball = write_cifar_python_tar(http_server.directory, 10, 20, 5)
     layout = cifar._LAYOUTS[(10, "python")]
     resource = dataclasses.replace(layout.tarball, url=http_server.url + tarball.name,
-                                   md5=hashlib.md5(tarball.read_bytes()).hexdigest())
+                                   md5=hashlib.md5(tarball.read_bytes()).hexdigest(), size=tarball.stat().st_size)
     monkeypatch.setitem(cifar._LAYOUTS, (10, "python"), dataclasses.replace(layout, tarball=resource, md5={}))
     data = load_cifar(tmp_path, train=True, download=True, verify=True)
     assert len(data) == 20 and (tmp_path / "cifar-10-batches-py" / "data_batch_5").is_file()

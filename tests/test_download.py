@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cnntrain.data.download import (
+    DownloadError,
     Resource,
     download,
     ensure_resources,
@@ -101,6 +102,35 @@ def test_wrong_checksum_leaves_nothing(http_server, tmp_path: Path) -> None:
     msg = str(err.value)
     assert res.url in msg and "ab" * 32 in msg and SHA256 in msg
     assert not (tmp_path / "blob.bin").exists() and not (tmp_path / "blob.bin.part").exists()
+
+
+@pytest.mark.parametrize("send_length", [True, False], ids=["announced", "streamed"])
+def test_more_bytes_than_the_known_size_stop_the_download(http_server, tmp_path: Path, send_length: bool) -> None:
+    """Announced too large (refused before reading) or streamed without a length (cut off at the
+    size): the .part is deleted, the mirror tried, and the error names the URL and the file."""
+    http_server.send_length = send_length
+    serve(http_server, "big.bin", PAYLOAD + bytes(50_000))  # a different, larger file at the first URL
+    serve(http_server, "ok.bin")
+    res = Resource("blob.bin", http_server.url + "big.bin", md5=MD5, size=len(PAYLOAD))
+    with pytest.raises(DownloadError) as err:
+        download(res, tmp_path / "data", retries=1)
+    msg = str(err.value)
+    assert f"{http_server.url}big.bin" in msg and str(tmp_path / "data" / "blob.bin") in msg
+    assert f"more than the {len(PAYLOAD):,}" in msg and ("announces" if send_length else "sent more than") in msg
+    assert not err.value.unreachable and list((tmp_path / "data").iterdir()) == []  # no .part left
+    mirrored = Resource("blob.bin", res.url, md5=MD5, size=len(PAYLOAD), mirrors=[http_server.url + "ok.bin"])
+    assert download(mirrored, tmp_path / "data", retries=3).read_bytes() == PAYLOAD
+    assert [p for p, _ in http_server.requests].count("/big.bin") == 2  # not retried: once per download
+
+
+def test_unknown_size_is_capped_and_known_size_checked_on_disk(http_server, tmp_path: Path) -> None:
+    res = serve(http_server)
+    with pytest.raises(DownloadError, match=r"sent more than the 1,000 bytes expected"):
+        http_server.send_length = False
+        download(res, tmp_path / "data", retries=1, max_bytes=1000)
+    (tmp_path / "blob.bin").write_bytes(PAYLOAD[:-1])
+    with pytest.raises(DataError, match=rf"expected {len(PAYLOAD):,} bytes \(md5 {MD5}\), got {len(PAYLOAD) - 1:,}"):
+        verify_file(tmp_path / "blob.bin", Resource("blob.bin", res.url, md5=MD5, size=len(PAYLOAD)))
 
 
 def test_mirror_used_after_404(http_server, tmp_path: Path) -> None:

@@ -126,6 +126,8 @@ def test_download_from_local_server(http_server, tmp_path: Path, monkeypatch: py
     md5s = {stem: hashlib.md5((http_server.directory / f"{stem}.gz").read_bytes()).hexdigest()
             for stem in MNIST_STEMS}
     monkeypatch.setitem(mnist._MD5, "mnist", md5s)
+    monkeypatch.setitem(mnist._SIZE, "mnist", {stem: (http_server.directory / f"{stem}.gz").stat().st_size
+                                               for stem in MNIST_STEMS})
     monkeypatch.setattr(mnist, "MNIST_URL", http_server.url)
     monkeypatch.setattr(mnist, "MNIST_MIRRORS", ())
     data = load_mnist(tmp_path / "dl", train=True, download=True, verify=True)

@@ -42,14 +42,14 @@ class _Layout:
     md5: dict[str, str] = field(default_factory=dict)  # of extracted files, where published
 
 
-def _tarball(filename: str, md5: str) -> Resource:
-    return Resource(filename, _URL + filename, md5=md5)
+def _tarball(filename: str, md5: str, size: int) -> Resource:
+    return Resource(filename, _URL + filename, md5=md5, size=size)
 
 
 _LAYOUTS: dict[tuple[int, str], _Layout] = {
     (10, "python"): _Layout(
         "cifar-10-batches-py",
-        _tarball("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+        _tarball("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", 170_498_071),
         tuple(f"data_batch_{i}" for i in range(1, 6)),
         ("test_batch",),
         binary=False,
@@ -65,7 +65,7 @@ _LAYOUTS: dict[tuple[int, str], _Layout] = {
     ),
     (100, "python"): _Layout(
         "cifar-100-python",
-        _tarball("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+        _tarball("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", 169_001_437),
         ("train",),
         ("test",),
         binary=False,
@@ -77,14 +77,14 @@ _LAYOUTS: dict[tuple[int, str], _Layout] = {
     ),
     (10, "binary"): _Layout(
         "cifar-10-batches-bin",
-        _tarball("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530"),
+        _tarball("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", 170_052_171),
         tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
         ("test_batch.bin",),
         binary=True,
     ),
     (100, "binary"): _Layout(
         "cifar-100-binary",
-        _tarball("cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8"),
+        _tarball("cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8", 168_513_733),
         ("train.bin",),
         ("test.bin",),
         binary=True,

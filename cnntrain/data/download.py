@@ -2,7 +2,9 @@
 
 A download streams into ``<file>.part``, resumes that file with an HTTP ``Range`` request after an
 interruption, checks the MD5/SHA-256 and only then renames it to its final name, so a file under
-its final name is always complete. Only ``urllib`` is used: no extra dependency, and proxies set
+its final name is always complete. A server that sends (or announces) more bytes than the file's
+known size, or than :data:`MAX_DOWNLOAD_BYTES` when the size is not known, is cut off: the
+``.part`` is deleted and the next mirror tried. Only ``urllib`` is used: no extra dependency, and proxies set
 through the usual ``*_proxy`` variables work.
 
     >>> res = Resource("t10k-labels-idx1-ubyte.gz", "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -31,6 +33,7 @@ from cnntrain.errors import DataError
 log = logging.getLogger("cnntrain")
 
 _CHUNK = 1 << 20  # bytes per read: large enough that Python overhead is negligible
+MAX_DOWNLOAD_BYTES = 16 << 30  # a file whose size is not published is cut off past this
 _T = TypeVar("_T")
 
 
@@ -43,6 +46,7 @@ class Resource:
     md5: str | None = None
     sha256: str | None = None
     mirrors: tuple[str, ...] = ()  # tried in order after ``url``
+    size: int | None = None  # bytes, where published: a download that sends more is stopped
 
     def __post_init__(self) -> None:
         # A list passed by a caller would make the frozen dataclass unhashable.
@@ -68,7 +72,9 @@ def file_digest(path: str | os.PathLike, algo: str = "md5") -> str:
 
 
 def _mismatch(path: Path, resource: Resource) -> str | None:
-    """Describe the first checksum that differs, or None when all published checksums match."""
+    """Describe the size or first checksum that differs, or None when all published ones match."""
+    if resource.size is not None and path.stat().st_size != resource.size:
+        return f"expected {resource.size:,} bytes ({resource.checksum_text()}), got {path.stat().st_size:,} bytes"
     for algo, expected in (("sha256", resource.sha256), ("md5", resource.md5)):
         if expected:
             actual = file_digest(path, algo)
@@ -92,6 +98,10 @@ def verify_file(path: str | os.PathLike, resource: Resource) -> None:
 
 class _Incomplete(Exception):
     """The connection ended before the announced length: worth a retry that resumes."""
+
+
+class _TooLarge(Exception):
+    """The server sent, or announced, more than the file can hold: no retry of that URL will help."""
 
 
 @contextlib.contextmanager
@@ -124,12 +134,16 @@ def _progress(total: int | None, initial: int, name: str):
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name, leave=False)
 
 
-def _fetch(url: str, part: Path, timeout: float) -> bool:
-    """Append the rest of ``url`` to ``part`` (or rewrite it when the server ignores ``Range``).
+def _fetch(url: str, part: Path, timeout: float, limit: int) -> bool:
+    """Append the rest of ``url`` to ``part`` (or rewrite it when the server ignores ``Range``),
+    never letting ``part`` grow past ``limit`` bytes (raises :class:`_TooLarge` instead).
 
     Returns True when bytes already in ``part`` were kept (a resumed download).
     """
     have = part.stat().st_size if part.exists() else 0
+    if have > limit:  # left by an older run or another server: cannot be a prefix of this file
+        part.unlink()
+        have = 0
     headers = {"User-Agent": "cnntrain"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -155,6 +169,8 @@ def _fetch(url: str, part: Path, timeout: float) -> bool:
             mode, offset = "wb", 0
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
+        if expected is not None and offset + expected > limit:
+            raise _TooLarge(f"announces {offset + expected:,} bytes, more than the {limit:,} expected")
         bar = _progress(None if expected is None else offset + expected, offset, part.name[: -len(".part")])
         received = 0
         try:
@@ -167,6 +183,8 @@ def _fetch(url: str, part: Path, timeout: float) -> bool:
                         raise _Incomplete(f"connection closed after {offset + received} bytes") from e
                     if not chunk:
                         break
+                    if offset + received + len(chunk) > limit:
+                        raise _TooLarge(f"sent more than the {limit:,} bytes expected")
                     out.write(chunk)
                     received += len(chunk)
                     if bar is not None:
@@ -195,13 +213,16 @@ def _describe(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def download(resource: Resource, folder: str | os.PathLike, *, timeout: float = 60, retries: int = 3) -> Path:
+def download(resource: Resource, folder: str | os.PathLike, *, timeout: float = 60, retries: int = 3,
+             max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
     """Download ``resource`` into ``folder`` and return its path, resuming a partial ``.part`` file.
 
     ``timeout`` is in seconds per network operation; ``retries`` is the number of attempts per URL
-    (waiting 1 s, 2 s, 4 s ... in between). Raises :class:`DownloadError` (a :class:`DataError`)
-    when every URL fails, and :class:`DataError` when the complete file has the wrong checksum; in
-    both cases nothing is left under the final name.
+    (waiting 1 s, 2 s, 4 s ... in between). A URL that sends more than ``resource.size`` bytes (or
+    ``max_bytes`` when the size is not known) is cut off, its ``.part`` deleted, and the next mirror
+    tried. Raises :class:`DownloadError` (a :class:`DataError`) when every URL fails, and
+    :class:`DataError` when the complete file has the wrong checksum; in both cases nothing is left
+    under the final name.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,6 +230,7 @@ def download(resource: Resource, folder: str | os.PathLike, *, timeout: float = 
     part = folder / (resource.filename + ".part")
     errors: list[str] = []
     answered = False  # did any server answer with an HTTP status?
+    limit = resource.size if resource.size is not None else max_bytes
     with _folder_lock(folder):
         # Another process may have finished the file while this one waited for the lock.
         if final.is_file() and _mismatch(final, resource) is None:
@@ -216,7 +238,12 @@ def download(resource: Resource, folder: str | os.PathLike, *, timeout: float = 
         for url in resource.urls:
             for attempt in range(1, max(1, retries) + 1):
                 try:
-                    resumed = _fetch(url, part, timeout)
+                    resumed = _fetch(url, part, timeout, limit)
+                except _TooLarge as e:
+                    part.unlink(missing_ok=True)  # not a prefix of the file we want: nothing to resume
+                    errors.append(f"{url} {e} for {final}; the partial file was deleted")
+                    answered = True
+                    break  # the same URL would send the same again: next mirror
                 except (OSError, http.client.HTTPException, _Incomplete) as e:
                     errors.append(f"{url}: {_describe(e)}")
                     # urlopen wraps connection failures (refused, DNS, connect timeout) in URLError.

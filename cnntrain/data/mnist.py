@@ -41,6 +41,21 @@ _MD5 = {
         "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
     },
 }
+# Sizes in bytes of the same files: a download that sends more is stopped (download.py).
+_SIZE = {
+    "mnist": {
+        "train-images-idx3-ubyte": 9_912_422,
+        "train-labels-idx1-ubyte": 28_881,
+        "t10k-images-idx3-ubyte": 1_648_877,
+        "t10k-labels-idx1-ubyte": 4_542,
+    },
+    "fashion": {
+        "train-images-idx3-ubyte": 26_421_880,
+        "train-labels-idx1-ubyte": 29_515,
+        "t10k-images-idx3-ubyte": 4_422_102,
+        "t10k-labels-idx1-ubyte": 5_148,
+    },
+}
 CLASSES = {
     "mnist": [str(i) for i in range(10)],
     "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -61,7 +76,8 @@ def mnist_resources(variant: str = "mnist") -> dict[str, Resource]:
     resources = {}
     for stem, md5 in _MD5[variant].items():
         name = f"{stem}.gz"
-        resources[stem] = Resource(name, base + name, md5=md5, mirrors=tuple(m + name for m in mirrors))
+        resources[stem] = Resource(name, base + name, md5=md5, mirrors=tuple(m + name for m in mirrors),
+                                   size=_SIZE[variant].get(stem))
     return resources
 
 
