@@ -54,13 +54,15 @@ def run_id_of(path: Path) -> str | None:
     return str(meta["run_id"]) if meta is not None and meta.get("run_id") else None
 
 
-def _atomic_write(path: Path, write, run_id: str | None = None) -> None:
-    """Write via ``write(file)`` to a temp file beside ``path``, fsync, then rename over it.
+def temp_path(path: Path, run_id: str | None = None) -> Path:
+    """Where a writer puts ``path``'s bytes before renaming them into place. The name carries the
+    pid, the run id and a random part: two writers in one folder never share (or delete) one."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{run_id or '_'}-{secrets.token_hex(4)}")
 
-    The temp name carries the pid, the run id and a random part: two writers in one folder never
-    share (or delete) a temp file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{run_id or '_'}-{secrets.token_hex(4)}")
+
+def _atomic_write(path: Path, write, run_id: str | None = None) -> None:
+    """Write via ``write(file)`` to ``temp_path(path)``, fsync, then rename over ``path``."""
+    tmp = temp_path(path, run_id)
     try:
         with open(tmp, "wb") as f:
             write(f)

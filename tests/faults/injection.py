@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cnntrain import Callback
+from cnntrain.engine import checkpoint
 
 
 def _armed() -> bool:
@@ -67,7 +68,7 @@ class FaultInjection(Callback):
             buffer = io.BytesIO()
             torch.save(payload, buffer)
             data = buffer.getvalue()
-            with open(path.with_name(f".{path.name}.tmp-{os.getpid()}-killed-{os.urandom(4).hex()}"), "wb") as f:
+            with open(checkpoint.temp_path(path, loop.run_id), "wb") as f:  # where the writer puts it
                 f.write(data[:len(data) // 2])
                 f.flush()
                 os.fsync(f.fileno())
