@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=8, help="prepare: shards per split")
     p.add_argument("--resize", type=int, default=0, help="prepare: shrink the shorter side to this (0: keep)")
     p.add_argument("--format", choices=("tfrecord", "tar"), default="tfrecord", help="prepare: shard format")
+    p.add_argument("--max-image-pixels", type=int, default=178_956_970,
+                   help="refuse images with more pixels than this (decompression-bomb guard; 0: no limit)")
     _add_tool_parsers(sub)
     return parser
 
@@ -129,6 +131,8 @@ def _add_tool_parsers(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", "-c", default="cpu", choices=(*CHOICES["device"], *DEVICE_ALIASES))
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--max-image-pixels", type=int, default=178_956_970,
+                   help="refuse images with more pixels than this (decompression-bomb guard; 0: no limit)")
 
     p = sub.add_parser("export", help="export weights as safetensors or ONNX")
     p.add_argument("--checkpoint", "-m", required=True, help="run folder, checkpoint .pt or .safetensors")
@@ -253,7 +257,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         if len(args.paths) != 2:
             raise ConfigError("usage: cnntrain data prepare SRC DEST [--shards N] [--resize S] [--format F]")
-        result = prepare(*args.paths, shards=args.shards, resize=args.resize, fmt=args.format)
+        result = prepare(*args.paths, shards=args.shards, resize=args.resize, fmt=args.format,
+                         max_pixels=args.max_image_pixels)
         counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
         print(f"{result.dest}: {counts} images in {len(result.shards)} shards; {result.skipped} unreadable skipped")
         return 0
@@ -291,8 +296,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from cnntrain.predict import predict
 
-    results = predict(args.checkpoint, args.inputs, top_k=args.top_k, device=DEVICE_ALIASES.get(args.device,
-                                                                                                  args.device))
+    results = predict(args.checkpoint, args.inputs, top_k=args.top_k,
+                      device=DEVICE_ALIASES.get(args.device, args.device), max_image_pixels=args.max_image_pixels)
     for r in results:
         if args.json:
             print(json.dumps({"path": str(r.path), "top": r.top, "error": r.error}))
