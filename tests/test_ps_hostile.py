@@ -573,3 +573,39 @@ def test_a_flood_of_refusals_is_printed_up_to_a_burst_then_counted(monkeypatch, 
     assert lines[:server.WARN_BURST] == [f"ps 0: refused link {i}" for i in range(server.WARN_BURST)]
     assert lines[server.WARN_BURST:] == ["ps 0: 25 more refusals in the last 0 s, not printed one by one",
                                          "ps 0: refused one more"]
+
+
+def test_links_beyond_the_cap_are_refused_and_a_freed_slot_is_taken_again(tmp_path, monkeypatch):
+    from cnntrain.parallel.ps.server import ParameterServer
+
+    monkeypatch.delenv(P.TOKEN_ENV, raising=False)
+    options = _options(tmp_path, free_port(), workers=2)
+    cfg = build_config(**options, role="ps", ps_index=0)
+    cluster = cluster_from_config(cfg)
+    server = threading.Thread(target=ParameterServer(cfg, cluster, 0, max_links=2).serve, daemon=True)
+    server.start()
+    chief = PsClient(build_config(**options, role="chief"), cluster, CHIEF, 0)
+    chief.connect()
+    evaluator = PsClient(build_config(**options, role="evaluator"), cluster, EVALUATOR, 0)
+    evaluator.connect()
+    worker = PsClient(build_config(**options, role="worker", worker_index=1), cluster, WORKER, 1)
+    with pytest.raises(DistributedError, match=r"refused the connection: it serves 2 links already"):
+        worker.connect()
+    worker.close(goodbye=False)
+    evaluator.close()
+    deadline = time.monotonic() + 10
+    while True:  # the evaluator's slot frees once the ps has seen its goodbye
+        worker = PsClient(build_config(**options, role="worker", worker_index=1), cluster, WORKER, 1)
+        try:
+            worker.connect()
+            break
+        except DistributedError:
+            worker.close(goodbye=False)
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert chief.stats().alive == [True, True]
+    worker.close()
+    chief.finish()
+    chief.close()
+    server.join(timeout=30)
+    assert not server.is_alive()
