@@ -57,8 +57,16 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool, nor
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     """SGD (optionally Nesterov), Adam or AdamW over ``param_groups``; multi-tensor kernels."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.norm_lr_scale,
-                          cfg.larc_bn_bias)
+    return optimizer_for(model_param_groups(model, cfg), cfg, device_type)
+
+
+def model_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """``param_groups`` with the config's options (a parameter server regroups a shard after it)."""
+    return param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.norm_lr_scale, cfg.larc_bn_bias)
+
+
+def optimizer_for(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """The configured optimizer over ``groups`` (as ``param_groups`` makes them)."""
     if cfg.larc_mode != "none":
         # LARC needs the decayed gradient (g + wd * w), as nvcnn adds the L2 term to the loss; it
         # folds the decay in itself, so the optimizer must not apply it again.

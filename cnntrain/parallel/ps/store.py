@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from cnntrain.config import TrainConfig
 from cnntrain.engine.larc import apply_larc
-from cnntrain.engine.optim import build_optimizer, lr_at, set_lr
+from cnntrain.engine.optim import lr_at, model_param_groups, optimizer_for, set_lr
 from cnntrain.models.registry import create_model_for
 from cnntrain.parallel.ps import protocol as P
 from cnntrain.parallel.ps.cluster import Cluster, ShardPlan, flatten
@@ -25,14 +25,6 @@ MAX_CLASSES = 100_000
 MAX_CHANNELS = 64
 MAX_SIDE = 8192
 MAX_SHARD_VALUES = 2**31  # parameters on one ps (8 GiB in float32)
-
-
-class _Shard(nn.Module):
-    """This ps's parameters as one module, so ``build_optimizer`` sees them as the trainer would."""
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        super().__init__()
-        self.params = nn.ParameterList(params)
 
 
 @dataclass(frozen=True)
@@ -48,6 +40,10 @@ class ShardLayout:
     total_steps: int
     base_lr: float
     run_stamp: int
+    # The synchronous trainer's parameter groups (weight decay, --norm-lr-scale, timed groups such as
+    # fastnet's whitening bias), without their parameters, and which one each shard parameter is in.
+    group_settings: tuple[dict, ...] = ()
+    group_of: tuple[int, ...] = ()
 
     @property
     def param_count(self) -> int:
@@ -87,10 +83,11 @@ class ShardLayout:
             raise BadMessage(P.BAD_NUMBERS, f"INIT describes no {cfg.model} model ({classes} classes, "
                                             f"{'x'.join(map(str, shape))} images): {exc}") from None
         plan = ShardPlan.for_model(model, cluster.num_ps)
+        settings, group_of = _shard_groups(model, cfg, plan.params_of(index))
         layout = cls(cfg, tuple(plan.param_shapes[i] for i in plan.params_of(index)),
                      sum(_numel(plan.buffer_shapes[i]) for i in plan.buffers_of(index)),
                      tuple(k for i, k in enumerate(keys) if mask >> i & 1), step, steps_per_epoch, total, base_lr,
-                     stamp)
+                     stamp, settings, group_of)
         if layout.param_count > MAX_SHARD_VALUES:
             raise BadMessage(P.BAD_NUMBERS, f"INIT describes a shard of {layout.param_count} values, more than "
                                             f"{MAX_SHARD_VALUES}")
@@ -117,7 +114,9 @@ class ShardStore:
         params = [nn.Parameter(torch.empty(shape)) for shape in layout.param_shapes]
         flat_params, buffers, *state = tensors
         _unflatten(flat_params, params)
-        optimizer = build_optimizer(_Shard(params), cfg, "cpu")
+        groups = [{**settings, "params": [p for p, g in zip(params, layout.group_of) if g == i]}
+                  for i, settings in enumerate(layout.group_settings)]
+        optimizer = optimizer_for([g for g in groups if g["params"]], cfg, "cpu")
         for key, flat in zip(layout.state_keys, state):
             offset = 0
             for p in params:
@@ -157,6 +156,16 @@ class ShardStore:
                 mask |= 1 << i
                 state.append(flatten(values))
         return mask, state
+
+
+def _shard_groups(model: nn.Module, cfg: TrainConfig, mine: list[int]) -> tuple[tuple[dict, ...], tuple[int, ...]]:
+    """The whole model's parameter groups as the synchronous trainer builds them (settings only),
+    and the group of each parameter ``mine`` (indices into the plan's trainable parameters)."""
+    groups = model_param_groups(model, cfg)
+    group_of_param = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
+    trainable = [p for _, p in model.named_parameters() if p.requires_grad]
+    settings = tuple({k: v for k, v in group.items() if k != "params"} for group in groups)
+    return settings, tuple(group_of_param[id(trainable[i])] for i in mine)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
