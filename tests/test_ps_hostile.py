@@ -30,18 +30,18 @@ from cnntrain.models import create_model
 from cnntrain.parallel.ps import protocol as P
 from cnntrain.parallel.ps.client import PsClient
 from cnntrain.parallel.ps.cluster import CHIEF, EVALUATOR, WORKER, ShardPlan, cluster_from_config, config_fingerprint
-from cnntrain.parallel.ps.launch import launch_local
-from cnntrain.parallel.ps.server import run_ps
-from cnntrain.parallel.ps.transport import (
+from cnntrain.parallel.ps.frames import (
     DTYPES,
     HEADER,
     HEADER_BYTES,
     MAGIC,
     MAX_NUMBERS,
-    Listener,
     Message,
     encode_header,
 )
+from cnntrain.parallel.ps.launch import launch_local
+from cnntrain.parallel.ps.listener import Listener
+from cnntrain.parallel.ps.server import run_ps
 from tests.helpers import REPO, tiny
 from tests.test_dist_launch import free_port
 

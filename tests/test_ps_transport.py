@@ -13,8 +13,10 @@ from cnntrain.config import build_config
 from cnntrain.parallel.ps import protocol as P
 from cnntrain.parallel.ps.client import JOB_STARTED_ENV, PsClient, run_finished
 from cnntrain.parallel.ps.cluster import CHIEF, EVALUATOR, cluster_from_config
+from cnntrain.parallel.ps.frames import LinkError, Message
+from cnntrain.parallel.ps.listener import Listener
 from cnntrain.parallel.ps.server import run_ps
-from cnntrain.parallel.ps.transport import GaveUp, Link, LinkError, Listener, Message
+from cnntrain.parallel.ps.transport import GaveUp, Link
 from tests.test_async_ps import _cluster_options
 from tests.test_dist_launch import free_port
 

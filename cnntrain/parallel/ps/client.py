@@ -38,7 +38,8 @@ from cnntrain.parallel.ps.cluster import (
     role_name,
     unflatten_into,
 )
-from cnntrain.parallel.ps.transport import GaveUp, Link, LinkError, Message
+from cnntrain.parallel.ps.frames import LinkError, Message
+from cnntrain.parallel.ps.transport import GaveUp, Link
 
 log = logging.getLogger("cnntrain")
 JOB_STARTED_ENV = "CNNTRAIN_ASYNC_PS_STARTED"  # set by the local launcher for its children
