@@ -7,5 +7,5 @@ from cnntrain.errors import CheckpointError, CnnTrainError, ConfigError, DataErr
 from cnntrain.models import create_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["Callback", "CheckpointError", "CnnTrainError", "ConfigError", "DataError", "DistributedError", "TrainConfig",
-           "build_config", "create_model", "evaluate", "list_models", "load", "load_weights", "train"]
+__all__ = ["Callback", "CheckpointError", "CnnTrainError", "ConfigError", "DataError", "DistributedError",
+           "TrainConfig", "build_config", "create_model", "evaluate", "list_models", "load", "load_weights", "train"]

@@ -12,10 +12,10 @@ from cnntrain.config import build_config
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.errors import ConfigError
 from cnntrain.models.registry import create_model_for
+from cnntrain.parallel.ddp import DDP, AllReduceAfterBackward, SparseDDP, is_collective_failure
 from cnntrain.parallel.env import LaunchEnv, detect_launch
 from cnntrain.parallel.hooks import all_reduce_mean, broadcast_state, bucket_mb_for
 from cnntrain.parallel.launch import strip_launch_flags, torchrun_argv
-from cnntrain.parallel.ddp import DDP, AllReduceAfterBackward, SparseDDP, is_collective_failure
 from cnntrain.parallel.partial import PartialUpdate
 from cnntrain.parallel.strategy import SingleProcess, make_strategy, resume_for_restart
 from tests.helpers import cli_args, tiny

@@ -235,11 +235,76 @@ def test_resume_keeps_the_global_batch_and_accumulation_makes_it_up(tmp_path):
     options = tiny(tmp_path / "run", batch_size=32, augment="none", display_every=2)
     full = cnntrain.train({**options, "run_dir": str(tmp_path / "full")})
     train_until_crash(options, 8)  # the end of epoch 1
-    before = (tmp_path / "run" / "metrics.csv").read_text()
+    before = {name: (tmp_path / "run" / name).read_text() for name in ("metrics.csv", "config.yaml")}
     with pytest.raises(ConfigError, match=r"global batch of 32 \(1 processes\), but this run's is 16 .* = 32"):
         cnntrain.train({**options, "batch_size": 16, "resume": "auto"})
-    assert (tmp_path / "run" / "metrics.csv").read_text() == before
+    assert {name: (tmp_path / "run" / name).read_text() for name in before} == before  # nothing touched
     resumed = cnntrain.train({**options, "batch_size": 16, "accum_steps": 2, "resume": "auto"})
     assert resumed.steps == full.steps == 16
     wa, wb = weights(full.run_dir), weights(resumed.run_dir)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=1e-5) for k in wa)
+
+
+def test_a_fresh_run_refuses_a_used_run_folder_unless_overwrite_and_frees_it_after_a_crash(tmp_path):
+    """A second fresh run into a folder with checkpoints would prune or shadow them: refused, naming
+    both ways on; --overwrite starts over; a run that crashed leaves the folder free for --resume."""
+    options = tiny(tmp_path / "run", max_steps=4, save_every=2)
+    first = cnntrain.train(options)
+    with pytest.raises(ConfigError, match=r"already holds checkpoints .*--resume auto.*--overwrite"):
+        cnntrain.train(options)
+    assert weights(first.run_dir).keys()  # the first run's files are intact
+    again = cnntrain.train({**options, "overwrite": True})
+    assert [s for s, _ in ckpt.list_checkpoints(again.run_dir / "checkpoints")] == [2, 4]
+    with pytest.raises(Crash):
+        cnntrain.train({**options, "max_steps": 8, "resume": "auto"}, callbacks=[CrashAfterCheckpoint(6)])
+    resumed = cnntrain.train({**options, "max_steps": 8, "resume": "auto"})  # the crash released the folder
+    assert resumed.steps == 8
+
+
+def test_callbacks_see_every_moment_in_order(tmp_path):
+    class Record(cnntrain.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_start(self, loop):
+            self.seen.append(("start", loop.state.step))
+
+        def on_log(self, loop, row):
+            self.seen.append(("log", row["step"]))
+
+        def on_eval_end(self, loop, result):
+            self.seen.append(("eval", loop.state.step))
+
+        def on_save_checkpoint(self, loop, payload, path):
+            payload.setdefault("callbacks", {})["record"] = loop.state.step
+            self.seen.append(("save", path.name))
+
+        def on_checkpoint(self, loop, path):
+            self.seen.append(("saved", path.name))
+
+        def on_load_checkpoint(self, loop, payload):
+            self.seen.append(("loaded", payload["callbacks"]["record"]))
+
+        def on_step_end(self, loop, outcome):
+            self.seen.append(("step", loop.state.step))
+
+        def on_train_end(self, loop, summary):
+            self.seen.append(("end", summary["steps"]))
+
+    first = Record()
+    cnntrain.train(tiny(tmp_path / "run", max_steps=4, display_every=2, save_every=2, eval_every=4),
+                   callbacks=[first])
+    assert first.seen == [("start", 0), ("step", 1), ("log", 2), ("save", "step-00000002.pt"),
+                          ("saved", "step-00000002.pt"), ("step", 2), ("step", 3), ("log", 4), ("eval", 4),
+                          ("save", "step-00000004.pt"), ("saved", "step-00000004.pt"), ("step", 4), ("end", 4)]
+    resumed = Record()
+    cnntrain.train(tiny(tmp_path / "run", max_steps=5, display_every=2, save_every=2, eval_every=4, resume="auto"),
+                   callbacks=[resumed])
+    assert resumed.seen[:2] == [("loaded", 4), ("start", 4)]  # what a callback saved comes back on resume
+
+
+@pytest.mark.parametrize("spec, message", [("no_such_module:Thing", "cannot import it"),
+                                           ("tests.helpers:tiny", "did not give a cnntrain Callback")])
+def test_a_callback_that_cannot_be_loaded_is_one_clear_error(tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=rf"--callbacks {spec!r}: .*{message}"):
+        cnntrain.train(tiny(tmp_path / "run", max_steps=1, callbacks=[spec]))

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from cnntrain.config import TrainConfig, save_config
+from cnntrain.engine.run import Result, resolve_run_dir
 from cnntrain.errors import ConfigError, DistributedError
 from cnntrain.hardware import usable_cores
 from cnntrain.parallel.ps import protocol as P
@@ -89,8 +90,6 @@ class _Child:
 
 def job_config(cfg: TrainConfig) -> tuple[TrainConfig, int, int]:
     """The config every child gets (cluster spelled out, run folder fixed), and the (ps, worker) counts."""
-    from cnntrain.engine.run import resolve_run_dir
-
     num_ps = len([e for e in cfg.ps_hosts.split(",") if e.strip()]) if cfg.ps_hosts else cfg.ps_count
     num_workers = len([e for e in cfg.worker_hosts.split(",") if e.strip()]) if cfg.worker_hosts else cfg.worker_count
     if num_ps < 1 or num_workers < 1:
@@ -222,8 +221,6 @@ def _restore_sigterm(previous) -> None:
 
 def read_result(run_dir: Path):
     """The chief's Result, from the run folder's summary.json."""
-    from cnntrain.engine.trainer import Result
-
     summary = json.loads((run_dir / "summary.json").read_text())
     return Result(run_dir, summary["best_top1"], summary["final_top1"] or 0.0, summary["steps"],
                   summary["train_seconds"], summary["img_per_s"], summary)

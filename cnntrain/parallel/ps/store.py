@@ -1,6 +1,6 @@
 """What one ps holds: its shard of the parameters and state buffers, and the optimizer over them.
 
-The server (``server.py``) owns the links, the locking and the staleness bookkeeping; it calls
+The server (``server.py``, ``handler.py``) owns the links, the locking and the staleness bookkeeping; it calls
 these methods with its lock held and counts the updates (``version``).
 """
 
