@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -307,6 +308,30 @@ def test_a_worker_index_out_of_range_is_refused(job, role, index, words):
     lines = job.lines_about(raw.port)
     assert len(lines) == 1 and words in lines[0], lines
     assert job.chief.stats().alive == [True, True, False]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"lr": 0.5}, "its training options differ from this process's"),
+    ({"worker_hosts": ",".join(["127.0.0.1"] * 4)}, "it belongs to a cluster of 3 workers and 1 ps, this process to 4"),
+])
+def test_a_role_started_with_other_options_or_another_cluster_is_told_which(job, change, words):
+    """Roles of one job must agree on the training options and the cluster: the ps refuses the link
+    and the process stops with one line saying which (not a hang, not a job-wide failure)."""
+    cfg = build_config(**{**job.options, **change}, role="worker", worker_index=2)
+    client = PsClient(cfg, cluster_from_config(cfg), WORKER, 2, token=TOKEN)
+    with pytest.raises(DistributedError, match=rf"refused the connection: {re.escape(words)}"):
+        client.connect()
+    client.close(goodbye=False)
+    assert job.honest_step()[1] > 0  # the job goes on
+
+
+def test_a_link_meant_for_another_ps_is_refused_naming_it(job):
+    raw = Raw(job.port)
+    identity = (WORKER, 2, job.fingerprint, 3, 1, 1)  # a cluster of one ps, but "ps 1" wanted
+    raw.send(_frame(Message(P.HELLO, (*identity, *P.proof(TOKEN, raw.nonce, identity)))))
+    reply = raw.reply()
+    assert reply.op == P.REFUSED and int(reply.numbers[0]) == P.WRONG_PS and int(reply.numbers[1]) == 0
+    raw.close()
 
 
 def test_an_impostor_chief_is_refused_and_a_terabyte_claim_allocates_nothing(job):
