@@ -22,9 +22,11 @@ from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.callbacks import Callback
 from cnntrain.engine.evaluate import EvalResult
 from cnntrain.engine.evaluate import evaluate as score
+from cnntrain.engine.progress import setup_logging
 from cnntrain.engine.run import Result, read_safetensors
 from cnntrain.engine.trainer import train as train_with
 from cnntrain.errors import CheckpointError, ConfigError
+from cnntrain.hardware import with_resolved_precision
 from cnntrain.models import get_spec
 from cnntrain.models.registry import create_model_for
 from cnntrain.parallel.env import detect_launch
@@ -48,7 +50,14 @@ def train(config: TrainConfig | dict | None = None, *, callbacks: Iterable[Callb
         return run_async_ps(cfg)
     launch = detect_launch()
     cfg = resume_for_restart(cfg, main=launch.rank == 0)
-    return train_with(cfg, make_strategy(cfg, launch), callbacks)
+    setup_logging()
+    strategy = make_strategy(cfg, launch)
+    # --precision auto becomes what this rank's device runs best: the run, config.yaml and its
+    # checkpoints only ever see fp32 / fp16 / bf16.
+    resolved = with_resolved_precision(cfg, strategy.device, announce=strategy.is_main)
+    if resolved is not cfg:  # the strategy holds the config too: the resolved one
+        strategy = make_strategy(resolved, launch)
+    return train_with(resolved, strategy, callbacks)
 
 
 def _weights_source(path: Path) -> Path:
@@ -118,6 +127,7 @@ def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
     state, saved, meta = load_weights(path)
     cfg = build_config(**{**saved.to_dict(), "resume": "", **{k: v for k, v in overrides.items() if v is not None}})
     strategy = make_strategy(cfg)
+    cfg = with_resolved_precision(cfg, strategy.device, announce=False)  # a stored config is resolved already
     strategy.setup()
     try:
         data = load_data(cfg, input_size=get_spec(cfg.model).input_size)

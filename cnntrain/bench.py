@@ -2,6 +2,7 @@
 
     cnntrain bench --model resnet50 --synthetic --batch-size 32 --steps 10 --warmup 3
     cnntrain bench --model resnet50 --synthetic --precision bf16 --json
+    cnntrain bench --model resnet50 --synthetic --precision auto   # what training would pick here
     cnntrain bench --data-only --data-dir photos/ --batch-size 32 --steps 20     # decoded img/s
 
 Each timed step is split into data wait / forward / backward / optimizer. On CUDA the device is
@@ -31,7 +32,7 @@ from cnntrain.engine.precision import LossScaler
 from cnntrain.engine.profile import NoProfiler
 from cnntrain.engine.step import LocalUpdate, StepParts, make_loss_fn, train_step
 from cnntrain.errors import ConfigError
-from cnntrain.hardware import peak_memory_mb, pick_device
+from cnntrain.hardware import peak_memory_mb, pick_device, resolve_precision
 from cnntrain.models import create_model, get_spec
 from cnntrain.parallel.base import SingleProcess
 from cnntrain.parallel.env import LaunchEnv
@@ -134,7 +135,9 @@ def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, war
     pipeline alone (decode + crop + flip + transfer; ``decode="device"``: JPEGs decoded on the device).
 
     The step is the engine's ``train_step`` with the optimizer, loss scaling and skip rule that
-    ``cnntrain train`` builds from the same options (SGD, momentum 0.9, weight decay 5e-4)."""
+    ``cnntrain train`` builds from the same options (SGD, momentum 0.9, weight decay 5e-4).
+    ``precision="auto"`` is resolved for the device as training resolves it (the result names the
+    choice)."""
     if steps < 2:
         raise ConfigError("--steps must be at least 2 to give a standard error")
     if data_only and not data_dir:
@@ -144,6 +147,7 @@ def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, war
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(cfg.device)
+    precision, _ = resolve_precision(cfg.precision, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     size = image_size or (get_spec(model).input_size[1] if not data_only else 224)

@@ -1,13 +1,21 @@
-"""Facts about this machine that every layer needs: usable cores, the training device, peak memory."""
+"""Facts about this machine that every layer needs: usable cores, the training device, what it computes
+natively (``--precision auto``), peak memory."""
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
+from pathlib import Path
 
 import torch
 
+from cnntrain.config import TrainConfig
 from cnntrain.errors import ConfigError
+
+log = logging.getLogger("cnntrain")
+PRECISIONS = ("fp32", "fp16", "bf16")  # what autocast, the loss scaler and evaluation accept
+CPU_BF16_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}  # /proc/cpuinfo flags: bf16 in hardware
 
 
 def usable_cores() -> int:
@@ -28,6 +36,75 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda":
         raise ConfigError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
     return torch.device("cpu")
+
+
+def cpu_bf16_feature(cpuinfo: str | None = None) -> str | None:
+    """The name of this CPU's native bf16 instructions (AVX512-BF16 or AMX-BF16), or None.
+
+    Read from the ``flags`` of ``/proc/cpuinfo`` (Linux; ``cpuinfo`` gives that text instead).
+    ``torch.backends.cpu.get_cpu_capability()`` only says AVX512, which many CPUs without bf16
+    arithmetic also report; without /proc/cpuinfo the answer is None (fp32 is the safe choice)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    # AMX first: where both exist, the tiles are what oneDNN's bf16 convolutions use.
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in flags:
+            return CPU_BF16_FLAGS[flag]
+    return None
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """``--precision`` as fp32 | fp16 | bf16 for ``device``, and why, in a few words.
+
+    fp32 / fp16 / bf16 are kept as given. ``auto``: bf16 where the device computes it natively
+    (CUDA compute capability >= 8.0; a CPU with AVX512-BF16 or AMX), fp16 with dynamic loss scaling
+    on older CUDA GPUs with tensor cores (compute capability 7.x), fp32 elsewhere."""
+    if requested in PRECISIONS:
+        return requested, "as asked"
+    if requested != "auto":
+        raise ConfigError(f"--precision {requested!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"CUDA compute capability {major}.{minor}"
+        if major >= 8:
+            return "bf16", f"{where} computes bf16 natively"
+        if major >= 7:
+            return "fp16", f"{where}: tensor cores take fp16, not bf16; dynamic loss scaling"
+        return "fp32", f"{where} has no tensor cores"
+    if device.type == "cpu":
+        feature = cpu_bf16_feature()
+        if feature:
+            return "bf16", f"CPU has {feature}"
+        return "fp32", "CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32"
+    return "fp32", f"no native bf16 or fp16 rule for device {device.type}"
+
+
+def with_resolved_precision(cfg: TrainConfig, device: torch.device, announce: bool = True) -> TrainConfig:
+    """``cfg`` with ``--precision auto`` replaced by what ``device`` runs best (``cfg`` itself when
+    the precision was given), logging the choice and its reason once when ``announce``.
+
+    A given ``--loss-scale`` is allowed with auto only when auto picks fp16; with
+    ``--grad-compression topk|threshold`` auto never picks fp16 (its changing loss scale would
+    corrupt the unsent remainders), fp32 then."""
+    if cfg.precision != "auto":
+        return cfg
+    precision, reason = resolve_precision("auto", device)
+    if precision == "fp16" and cfg.grad_compression in ("topk", "threshold"):
+        precision, reason = "fp32", f"fp16 would suit this device, but --grad-compression {cfg.grad_compression} " \
+                                    f"keeps unsent gradients across fp16's changing loss scale"
+    if cfg.loss_scale and precision != "fp16":
+        raise ConfigError(f"--loss-scale {cfg.loss_scale:g} applies to fp16 only, and --precision auto chose "
+                          f"{precision} on {device} ({reason}): drop --loss-scale, or give --precision fp16")
+    if announce:
+        log.info("precision auto -> %s (%s)", precision, reason)
+    return cfg.replace(precision=precision)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -13,10 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(run_dir, **overrides) -> dict:
-    """Options for a few-second CPU run on synthetic 1x28x28 data with LeNet."""
+    """Options for a few-second CPU run on synthetic 1x28x28 data with LeNet, in fp32: ``--precision
+    auto`` would pick bf16 on some CPUs and fp32 on others, and tests must not depend on the machine."""
     options = dict(dataset="synthetic", synthetic_shape=[1, 28, 28], synthetic_size=256, model="lenet",
                    epochs=2, batch_size=32, lr=0.1, display_every=4, run_dir=str(run_dir), progress="log",
-                   threads=1, seed=1)
+                   threads=1, seed=1, precision="fp32")
     options.update(overrides)
     return options
 

@@ -47,7 +47,7 @@ def test_nnabla_device_alias_and_type_errors():
     with pytest.raises(ConfigError, match="'lr'"):
         build_config(lr="fast")
     with pytest.raises(ConfigError, match="--loss-scale applies to --precision fp16"):
-        build_config(loss_scale=128)
+        build_config(loss_scale=128, precision="fp32")
 
 
 def test_data_set_defaults_sit_between_the_defaults_and_the_recipe(tmp_path):
@@ -102,7 +102,7 @@ def test_a_section_checks_itself_when_built_and_the_whole_checks_what_joins_them
     with pytest.raises(ConfigError, match="--lr must be positive"):
         OptimConfig(lr=0)
     with pytest.raises(ConfigError, match="--loss-scale applies to --precision fp16"):
-        ComputeConfig(loss_scale=128)
+        ComputeConfig(loss_scale=128, precision="bf16")
     with pytest.raises(ConfigError, match="--optimizer 'nesterof' is not one of"):
         OptimConfig(optimizer="nesterof")
     sync, optim = SyncConfig(partial_update=True), OptimConfig(ema_decay=0.99)  # each fine on its own

@@ -149,9 +149,13 @@ class ComputeConfig(Section):
     title: ClassVar[str] = "precision and speed"
 
     device: str = option("auto", "auto | cpu | cuda (cudnn is an alias of cuda)", choices=("auto", "cpu", "cuda"))
-    precision: str = option("fp32", "fp32 | fp16 | bf16 (autocast; fp32 master weights)",
-                            choices=("fp32", "fp16", "bf16"))
-    loss_scale: float = option(0.0, "fp16 static loss scale (0: dynamic)")
+    precision: str = option("auto", "auto | fp32 | fp16 | bf16 (autocast; fp32 master weights). auto, chosen at "
+                                    "run start and stored in config.yaml and checkpoints: bf16 where the device "
+                                    "computes it natively (CUDA compute capability >= 8.0, CPUs with AVX512-BF16 "
+                                    "or AMX), fp16 with dynamic loss scaling on older CUDA GPUs, fp32 elsewhere",
+                            choices=("auto", "fp32", "fp16", "bf16"))
+    loss_scale: float = option(0.0, "fp16 static loss scale (0: dynamic); with --precision auto only where auto "
+                                    "picks fp16")
     channels_last: bool = option(True, "NHWC memory layout for the model and its inputs (faster convolutions on "
                                        "tensor cores)")
     compile: bool = option(False, "torch.compile the model: slower first steps, faster ones after")
@@ -160,8 +164,9 @@ class ComputeConfig(Section):
                                         "repeatable runs, slower")
 
     def validate(self) -> None:
-        if self.loss_scale and self.precision != "fp16":
-            raise ConfigError("--loss-scale applies to --precision fp16 only")
+        # With auto the device decides; hardware.with_resolved_precision refuses a scale it cannot use.
+        if self.loss_scale and self.precision not in ("fp16", "auto"):
+            raise ConfigError(f"--loss-scale applies to --precision fp16 only, not {self.precision}")
 
 
 @dataclass(frozen=True)

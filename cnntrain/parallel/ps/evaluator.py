@@ -27,7 +27,7 @@ from cnntrain.engine.metrics import append_row_once
 from cnntrain.engine.run import resolve_run_dir
 from cnntrain.engine.trainer import build_model
 from cnntrain.errors import CheckpointError, ConfigError
-from cnntrain.hardware import pick_device, usable_cores
+from cnntrain.hardware import pick_device, usable_cores, with_resolved_precision
 from cnntrain.models import get_spec
 from cnntrain.parallel.ps.client import PsClient, run_finished
 from cnntrain.parallel.ps.cluster import EVALUATOR, Cluster
@@ -98,7 +98,8 @@ def run_evaluator(cfg: TrainConfig, cluster: Cluster) -> list[tuple[int, float]]
     """Score checkpoints until the chief finishes; returns (step, top-1) of each, in step order."""
     device = pick_device(cfg.device)
     torch.set_num_threads(cfg.threads or usable_cores())
-    client = PsClient(cfg, cluster, EVALUATOR, 0, ps_indices=[0])
+    client = PsClient(cfg, cluster, EVALUATOR, 0, ps_indices=[0])  # its HELLO carries the options as given
+    cfg = with_resolved_precision(cfg, device)
     try:
         client.connect(stop=run_finished(cfg))
     except GaveUp:

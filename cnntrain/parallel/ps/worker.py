@@ -28,7 +28,7 @@ from cnntrain.engine.run import Result
 from cnntrain.engine.step import StepParts, Update, make_loss_fn, train_step
 from cnntrain.engine.trainer import load_model_and_data
 from cnntrain.errors import ConfigError, NumericalError
-from cnntrain.hardware import usable_cores
+from cnntrain.hardware import usable_cores, with_resolved_precision
 from cnntrain.parallel.base import Strategy
 from cnntrain.parallel.env import LaunchEnv
 from cnntrain.parallel.ps.chief import Chief
@@ -82,7 +82,9 @@ def run_trainer(cfg: TrainConfig, cluster: Cluster) -> Result | None:
         return None
     finished = False
     try:
-        result = _train(cfg, cluster, strategy, index, me)
+        # The client's HELLO keeps the options as given (every role has "auto"); the step gets this
+        # machine's precision, and the chief stores that one in its checkpoints.
+        result = _train(with_resolved_precision(cfg, strategy.device), cluster, strategy, index, me)
         finished = True
         return result
     finally:
