@@ -53,8 +53,9 @@ class DataConfig(Section):
     label_mode: str = option("fine", "CIFAR-100 labels: fine (100) | coarse (20)", choices=("fine", "coarse"))
     image_size: int = option(0, "resize folder images to this square size in pixels (0: keep)")
     synthetic_size: int = option(2048, "synthetic: training images (test split is a quarter of it)")
-    synthetic_shape: tuple[int, ...] = option((3, 32, 32), "synthetic: image shape as channels, height, width "
-                                                           "(pixels)")
+    synthetic_shape: tuple[int, ...] = option((), "synthetic: image shape as channels, height, width (pixels); "
+                                                  "default: the model's input size (with --image-size S: the "
+                                                  "model's channels x S x S)")
     synthetic_classes: int = option(10, "synthetic: number of classes")
     augment: str = option("auto", "auto | none | flip | crop-flip | translate-flip",
                           choices=("auto", "none", "flip", "crop-flip", "translate-flip"))

@@ -115,10 +115,23 @@ def _folder(cfg: TrainConfig, stream_size: int):
     return train, test, stats, augment
 
 
-def _synthetic(cfg: TrainConfig):
-    shape = tuple(cfg.synthetic_shape)
-    if len(shape) != 3:
-        raise ConfigError(f"--synthetic-shape needs C H W, got {list(shape)}")
+DEFAULT_SYNTHETIC_SHAPE = (3, 32, 32)  # when neither --synthetic-shape, --image-size nor the model says
+
+
+def synthetic_shape(cfg: TrainConfig, input_size: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """(C, H, W) of synthetic images: --synthetic-shape, else the model's input size with H and W
+    from --image-size when given (so a 299-px Inception V3 gets 299-px images)."""
+    if cfg.synthetic_shape:
+        if len(cfg.synthetic_shape) != 3:
+            raise ConfigError(f"--synthetic-shape needs C H W, got {list(cfg.synthetic_shape)}")
+        return tuple(cfg.synthetic_shape)
+    channels, height, width = input_size or DEFAULT_SYNTHETIC_SHAPE
+    if cfg.image_size:
+        height = width = cfg.image_size
+    return channels, height, width
+
+
+def _synthetic(cfg: TrainConfig, shape: tuple[int, int, int]):
     n, k = cfg.synthetic_size, cfg.synthetic_classes
     # One draw split in two, so the test images share the training images' class patterns.
     both = make_synthetic(n + max(n // 4, 1), shape, k, seed=cfg.seed)
@@ -127,17 +140,20 @@ def _synthetic(cfg: TrainConfig):
     return train, test, stats, "none"
 
 
-# Each takes (cfg, crop side for streamed sets in pixels).
+# Each takes (cfg, the model's input (C, H, W) or None).
 LOADERS: dict[str, Callable] = {
     "mnist": lambda cfg, _: _mnist(cfg, "mnist"),
     "fashion-mnist": lambda cfg, _: _mnist(cfg, "fashion"),
     "cifar10": lambda cfg, _: _cifar(cfg, 10),
     "cifar100": lambda cfg, _: _cifar(cfg, 100),
-    "folder": _folder,
-    "imagenet": _stream_folder,  # train/<wnid>/*.JPEG + val/<wnid>/*.JPEG, always streamed
-    "tfrecord": _tfrecord,  # train-* / validation-* shards with image/encoded, 1-based image/class/label
-    "tar": _tar,  # train-*.tar / validation-*.tar shards: <key>.jpg + <key>.cls (0-based), WebDataset layout
-    "synthetic": lambda cfg, _: _synthetic(cfg),
+    "folder": lambda cfg, model_in: _folder(cfg, _stream_size(cfg, model_in)),
+    # train/<wnid>/*.JPEG + val/<wnid>/*.JPEG, always streamed
+    "imagenet": lambda cfg, model_in: _stream_folder(cfg, _stream_size(cfg, model_in)),
+    # train-* / validation-* shards with image/encoded, 1-based image/class/label
+    "tfrecord": lambda cfg, model_in: _tfrecord(cfg, _stream_size(cfg, model_in)),
+    # train-*.tar / validation-*.tar shards: <key>.jpg + <key>.cls (0-based), WebDataset layout
+    "tar": lambda cfg, model_in: _tar(cfg, _stream_size(cfg, model_in)),
+    "synthetic": lambda cfg, model_in: _synthetic(cfg, synthetic_shape(cfg, model_in)),
 }
 
 
@@ -149,12 +165,14 @@ def load_data(cfg: TrainConfig, input_size: tuple[int, int, int] | None = None) 
     """Load ``cfg.dataset`` (into memory, or listed for streaming) and split off a validation set when asked.
 
     ``input_size`` is the model's input (C, H, W), e.g. ``get_spec(cfg.model).input_size``: streamed
-    sets are cropped to its H unless ``--image-size`` says otherwise (224 when neither is given).
+    sets are cropped to its H unless ``--image-size`` says otherwise (224 when neither is given), and
+    synthetic images take its shape unless ``--synthetic-shape`` or ``--image-size`` say otherwise
+    (3 x 32 x 32 when none is given).
     """
     if cfg.dataset not in LOADERS:
         raise ConfigError(f"unknown data set {cfg.dataset!r}{did_you_mean(cfg.dataset, LOADERS)}; "
                           f"choose from {', '.join(dataset_names())}")
-    train, test, (mean, std), augment = LOADERS[cfg.dataset](cfg, _stream_size(cfg, input_size))
+    train, test, (mean, std), augment = LOADERS[cfg.dataset](cfg, input_size)
     streamed = isinstance(train, StreamDataset)
     if streamed:
         train.crop = cfg.crop
