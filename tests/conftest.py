@@ -19,6 +19,19 @@ if _REPO not in sys.path:
 from tests.fixtures import LocalHTTPServer  # noqa: E402 - needs the path set above
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _decoded_image_cache(tmp_path_factory):
+    """In-memory image folders cache their decoded images in this session's temporary folder, never
+    in the user's ~/.cache/cnntrain (CLI subprocesses inherit it through the environment)."""
+    before = os.environ.get("CNNTRAIN_CACHE")
+    os.environ["CNNTRAIN_CACHE"] = str(tmp_path_factory.mktemp("cnntrain-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CNNTRAIN_CACHE", None)
+    else:
+        os.environ["CNNTRAIN_CACHE"] = before
+
+
 @pytest.fixture
 def http_server(tmp_path: Path):
     """A :class:`fixtures.LocalHTTPServer` serving ``tmp_path / "www"`` on 127.0.0.1."""

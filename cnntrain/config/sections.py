@@ -77,6 +77,10 @@ class DataConfig(Section):
                                          "object box)", choices=("random-resized", "bbox-distort"))
     decode: str = option("host", "streamed sets: host (workers decode) | device (JPEGs decoded on the device: "
                                  "nvJPEG on CUDA)", choices=("host", "device"))
+    cache: bool = option(True, "in-memory image folders: keep the decoded images in --cache-dir and reuse them "
+                               "while the files are unchanged (--no-cache: decode every run, write nothing)")
+    cache_dir: str = option("", "folder of the decoded-image cache (default: $CNNTRAIN_CACHE, else "
+                                "~/.cache/cnntrain)")
 
     def validate(self) -> None:
         if self.max_image_pixels < 0:

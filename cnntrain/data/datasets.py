@@ -11,6 +11,7 @@ import torch
 
 from cnntrain.config import TrainConfig
 from cnntrain.data.base import ArrayDataset
+from cnntrain.data.cache import cache_root
 from cnntrain.data.cifar import load_cifar
 from cnntrain.data.folder import find_split, folder_dataset, load_image_folder, needs_streaming
 from cnntrain.data.mnist import load_mnist
@@ -106,10 +107,10 @@ def _folder(cfg: TrainConfig, stream_size: int):
     if cfg.pipeline == "stream" or (cfg.pipeline == "auto" and needs_streaming(root / "train")):
         return _stream_folder(cfg, stream_size)
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
-    limit = cfg.max_image_pixels
-    train = load_image_folder(root, "train", size=size, max_pixels=limit)
+    kw = dict(size=size, max_pixels=cfg.max_image_pixels, cache_dir=cache_root(cfg.cache_dir) if cfg.cache else None)
+    train = load_image_folder(root, "train", **kw)
     split = find_split(root)
-    test = load_image_folder(root, split, size=size, classes=train.classes, max_pixels=limit) if split else None
+    test = load_image_folder(root, split, classes=train.classes, **kw) if split else None
     stats = channel_stats(train)
     augment = "crop-flip" if max(train.shape[1:]) <= 64 else "flip"
     return train, test, stats, augment
@@ -167,7 +168,8 @@ def load_data(cfg: TrainConfig, input_size: tuple[int, int, int] | None = None) 
     ``input_size`` is the model's input (C, H, W), e.g. ``get_spec(cfg.model).input_size``: streamed
     sets are cropped to its H unless ``--image-size`` says otherwise (224 when neither is given), and
     synthetic images take its shape unless ``--synthetic-shape`` or ``--image-size`` say otherwise
-    (3 x 32 x 32 when none is given).
+    (3 x 32 x 32 when none is given). In-memory image folders are read through the decoded-image
+    cache (``data/cache.py``) unless ``--no-cache``.
     """
     if cfg.dataset not in LOADERS:
         raise ConfigError(f"unknown data set {cfg.dataset!r}{did_you_mean(cfg.dataset, LOADERS)}; "

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from cnntrain.data.base import ArrayDataset
+from cnntrain.data.cache import FolderCache
 from cnntrain.data.images import MAX_IMAGE_PIXELS, open_image, to_rgb
 from cnntrain.data.stream_dataset import StreamDataset
 from cnntrain.errors import DataError, did_you_mean
@@ -145,6 +146,7 @@ def load_image_folder(
     classes: Sequence[str] | None = None,
     workers: int | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    cache_dir: str | os.PathLike | None = None,
 ) -> ArrayDataset:
     """Decode every image of ``root/<split>`` into one uint8 tensor [N, 3, H, W].
 
@@ -153,9 +155,32 @@ def load_image_folder(
     skipped with one warning that counts them and names one; no readable image at all is a
     :class:`DataError`. ``classes`` reuses another split's class list.
     ``workers`` threads decode in parallel (PIL releases the GIL while decoding); default: 2 per core.
+    ``cache_dir``: keep the decoded tensor there and map it on the next call while the files and
+    options are unchanged (``cache.py``); None: no cache.
     """
     split_dir = Path(root) / split
     samples, class_names = scan_image_folder(split_dir, classes)
+    cache = None
+    if cache_dir is not None:
+        options = {"size": list(size) if size else None, "classes": class_names, "max_pixels": max_pixels}
+        cache = FolderCache(cache_dir, split_dir, samples, options)
+        cached = cache.load()
+        if cached is not None:
+            if cached.skipped:
+                log.warning("skipped %d unreadable image file(s) in %s, e.g. %s", cached.skipped, split_dir,
+                            cached.first_skip)
+            return ArrayDataset(torch.from_numpy(cached.images), torch.from_numpy(cached.labels), class_names,
+                                source=str(split_dir))
+    images, labels, failures = _decode_all(split_dir, samples, size, workers, max_pixels)
+    if cache is not None:
+        cache.save(images, labels, len(failures), failures[0] if failures else "")
+    return ArrayDataset(torch.from_numpy(images), torch.from_numpy(labels), class_names, source=str(split_dir))
+
+
+def _decode_all(split_dir: Path, samples: list[tuple[Path, int]], size: tuple[int, int] | None,
+                workers: int | None, max_pixels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images uint8 [N, 3, H, W] and labels int64 [N] of the readable files, and one message per
+    unreadable one."""
     paths = [path for path, _ in samples]
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
 
@@ -207,12 +232,10 @@ def load_image_folder(
     if not ok.any():
         raise DataError(f"none of the {len(paths)} image files in {split_dir} is readable "
                         f"(e.g. {failures[0]})")
-    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    images = torch.from_numpy(buffer)
+    labels = np.array([label for _, label in samples], dtype=np.int64)
     if not ok.all():
-        keep = torch.from_numpy(ok)
-        images, labels = images[keep], labels[keep]
-    return ArrayDataset(images, labels, class_names, source=str(split_dir))
+        buffer, labels = buffer[ok], labels[ok]
+    return buffer, labels, failures
 
 
 def folder_dataset(split_dir: str | os.PathLike, image_size: int, classes: Sequence[str] | None = None,
