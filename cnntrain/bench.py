@@ -8,7 +8,8 @@
 Each timed step is split into data wait / forward / backward / optimizer. On CUDA the device is
 synchronised at each phase boundary, so the split is exact but the total is slightly pessimistic
 (no overlap of host and device work). img/s is images per mean step time +- its standard
-error; the warm-up steps (allocator, cuDNN autotuning, page faults) are not timed.
+error; the warm-up steps (allocator, cuDNN autotuning, page faults, ``compile=True``'s compilation)
+are not timed.
 """
 
 from __future__ import annotations
@@ -55,12 +56,16 @@ class BenchResult:
     workers: int = 0
     data: str = "synthetic"
     torch_version: str = torch.__version__
+    channels_last: bool = True
+    compiled: bool = False  # the model ran through torch.compile
+    image_size: int = 0  # pixels (square)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     def describe(self) -> str:
-        what = "input pipeline only" if self.model == "-" else f"{self.model} {self.precision}"
+        what = "input pipeline only" if self.model == "-" else f"{self.model} {self.precision}" + \
+            (", channels_last" if self.channels_last else "") + (", compiled" if self.compiled else "")
         lines = [f"{what} on {self.device} ({self.data}), batch {self.batch_size}, {self.steps} timed steps, "
                  f"{self.threads} threads, {self.workers} workers, torch {self.torch_version}",
                  f"throughput  {self.img_per_s:.1f} +- {self.img_per_s_stderr:.1f} img/s (+- s.e.)"]
@@ -129,7 +134,7 @@ class _PhaseClock(NoProfiler):
 def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, warmup: int = 3,
           precision: str = "fp32", data_dir: str | None = None, data_only: bool = False, device: str = "auto",
           image_size: int = 0, workers: int = -1, threads: int = 0, channels_last: bool = True,
-          num_classes: int = 1000, decode: str = "host") -> BenchResult:
+          num_classes: int = 1000, decode: str = "host", compile: bool = False) -> BenchResult:
     """Time ``steps`` training steps (after ``warmup`` untimed ones) of ``model`` on synthetic data
     (``data_dir=None``) or on the folder ``data_dir`` (streamed); ``data_only`` times the input
     pipeline alone (decode + crop + flip + transfer; ``decode="device"``: JPEGs decoded on the device).
@@ -137,19 +142,21 @@ def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, war
     The step is the engine's ``train_step`` with the optimizer, loss scaling and skip rule that
     ``cnntrain train`` builds from the same options (SGD, momentum 0.9, weight decay 5e-4).
     ``precision="auto"`` is resolved for the device as training resolves it (the result names the
-    choice)."""
+    choice); ``compile`` runs the model through ``torch.compile`` as ``--compile`` does (compiled
+    during the warm-up steps: give a few)."""
     if steps < 2:
         raise ConfigError("--steps must be at least 2 to give a standard error")
     if data_only and not data_dir:
         raise ConfigError("--data-only needs --data-dir (a folder of images)")
     cfg = build_config(dataset="synthetic", model=model, batch_size=batch_size, precision=precision, device=device,
-                       threads=threads, channels_last=channels_last)
+                       threads=threads, channels_last=channels_last, compile=compile)
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(cfg.device)
     precision, _ = resolve_precision(cfg.precision, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        torch.backends.cudnn.benchmark = True  # as training runs without --deterministic
     size = image_size or (get_spec(model).input_size[1] if not data_only else 224)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     loader, used_workers = (_stream_loader(data_dir, size, batch_size, dev, workers, decode) if data_dir
@@ -159,12 +166,13 @@ def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, war
     if data_only:
         rate, err, times = _time_batches(_batches(loader), warmup, steps, sync)
         return BenchResult("-", batch_size, "-", str(dev), steps, rate, err, {"data": 1000 * sum(times) / steps},
-                           peak_memory_mb(dev), torch.get_num_threads(), used_workers, source)
+                           peak_memory_mb(dev), torch.get_num_threads(), used_workers, source, image_size=size)
     net = create_model(model, num_classes).to(dev).train()
     net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     clock = _PhaseClock(sync)
     optimizer = build_optimizer(net, cfg, dev.type)
-    parts = StepParts(net, [p for p in net.parameters() if p.requires_grad], make_loss_fn(),
+    forward = torch.compile(net) if compile else net  # as the trainer does with --compile
+    parts = StepParts(forward, [p for p in net.parameters() if p.requires_grad], make_loss_fn(),
                       LossScaler.for_precision(precision), SingleProcess(cfg, LaunchEnv()),
                       LocalUpdate(optimizer, net), precision, profiler=clock)
     batches = _batches(loader) if loader is not None else itertools.repeat(
@@ -184,7 +192,8 @@ def bench(model: str = "resnet50", *, batch_size: int = 32, steps: int = 10, war
     rate, err = _rate(counts, totals)
     phase_ms = {k: 1000 * sum(v) / len(v) for k, v in phases.items()}
     return BenchResult(model, batch_size, precision, str(dev), steps, rate, err, phase_ms, peak_memory_mb(dev),
-                       torch.get_num_threads(), used_workers, source)
+                       torch.get_num_threads(), used_workers, source, channels_last=channels_last, compiled=compile,
+                       image_size=size)
 
 
 def _fixed_batch(channels: int, size: int, batch_size: int, num_classes: int, device: torch.device,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cnntrain.bench import PHASES, bench
 from cnntrain.cli import main
@@ -43,3 +44,17 @@ def test_bad_options() -> None:
         bench("resnet20", steps=1)
     with pytest.raises(ConfigError, match="--data-dir"):
         bench("resnet20", data_only=True, steps=2)
+
+
+def test_compile_runs_the_model_through_torch_compile(monkeypatch) -> None:
+    compiled = []
+
+    def fake_compile(model, **kwargs):  # the wiring, without minutes of compilation on a CPU
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    result = bench("lenet", batch_size=2, steps=2, warmup=1, device="cpu", compile=True, channels_last=False)
+    assert len(compiled) == 1 and result.compiled and not result.channels_last
+    assert "lenet fp32, compiled" in result.describe()
+    assert not bench("lenet", batch_size=2, steps=2, warmup=1, device="cpu").compiled and len(compiled) == 1
