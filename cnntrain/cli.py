@@ -144,7 +144,9 @@ def _add_tool_parsers(sub) -> None:
     p.add_argument("--batch-size", "-b", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--precision", choices=CHOICES["precision"], default="fp32")
+    p.add_argument("--precision", choices=CHOICES["precision"], default="auto",
+                   help="as cnntrain train (auto: bf16 where the device computes it natively)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first (its warm-up is untimed)")
     p.add_argument("--synthetic", action="store_true", help="random tensors (the default without --data-dir)")
     p.add_argument("--data-dir", help="an image folder (root/train/<class>/...): streamed as in training")
     p.add_argument("--data-only", action="store_true", help="time the input pipeline alone (decoded img/s)")
@@ -321,7 +323,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench(args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                    precision=args.precision, data_dir=args.data_dir, data_only=args.data_only,
                    device=DEVICE_ALIASES.get(args.device, args.device), image_size=args.image_size,
-                   workers=args.workers, threads=args.threads, decode=args.decode)
+                   workers=args.workers, threads=args.threads, decode=args.decode, compile=args.compile)
     print(result.to_json() if args.json else result.describe())
     return 0
 

@@ -13,6 +13,9 @@ def autocast(precision: str, device_type: str):
     """Autocast to fp16/bf16 with fp32 master weights, or nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
+    if precision not in DTYPES:
+        raise ValueError(f"precision {precision!r} is not fp32, fp16 or bf16: resolve --precision auto for the "
+                         f"device first (cnntrain.hardware.resolve_precision)")
     return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
 
 

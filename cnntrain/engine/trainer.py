@@ -265,7 +265,8 @@ def _check_global_batch(payload: dict, path: Path, global_batch: int, cfg: Train
 # Options a resumed run may change without changing its result.
 _RESUME_NEUTRAL = {"resume", "run_dir", "epochs", "max_steps", "display_every", "progress", "save_every",
                    "save_interval", "eval_every", "keep_last", "data_dir", "threads", "download", "verify", "workers",
-                   "pipeline", "tensorboard", "dist_timeout", "profile", "callbacks", "overwrite"}
+                   "pipeline", "tensorboard", "dist_timeout", "profile", "callbacks", "overwrite", "cache",
+                   "cache_dir"}
 
 
 def _warn_config_changes(saved: TrainConfig, now: TrainConfig) -> None:

@@ -59,7 +59,8 @@ def cluster_from_config(cfg: TrainConfig) -> Cluster:
 _LOCAL_OPTIONS = {"role", "ps_index", "worker_index", "threads", "progress", "display_every", "device", "data_dir",
                   "run_dir", "resume", "workers", "download", "verify", "dist_timeout", "tensorboard", "evaluator",
                   "ps_hosts", "worker_hosts", "ps_count", "worker_count", "dist_start_port", "compile",
-                  "pipeline", "deterministic", "save_every", "save_interval", "keep_last", "eval_every"}
+                  "pipeline", "deterministic", "save_every", "save_interval", "keep_last", "eval_every",
+                  "cache", "cache_dir", "overwrite", "callbacks"}
 
 
 def config_fingerprint(cfg: TrainConfig) -> int:
