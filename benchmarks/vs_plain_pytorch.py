@@ -9,9 +9,11 @@ Same model, batch size, thread count and step count for every row, all measured 
   RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, a ``DataLoader`` with
   ``--workers`` worker processes, and the eager fp32 step (SGD with momentum); the main process uses
   ``--threads`` intra-op threads, as does every cnntrain row.
-- ``cnntrain fp32`` / ``cnntrain bf16``: ``cnntrain train`` on the same folder, in a fresh process,
-  with its defaults (images decoded once into memory, crop + flip done per batch on the device,
-  channels_last) and the given precision.
+- ``cnntrain defaults`` / ``cnntrain fp32`` / ``cnntrain bf16``: ``cnntrain train`` on the same folder,
+  in a fresh process, with its defaults (images decoded once into memory and cached, crop + flip done
+  per batch on the device, channels_last) and its default precision (``--precision auto``) or the given one.
+- ``plain cl-fp32``: a plain PyTorch step on one batch already in memory, channels_last, fp32: the
+  compute a user gets by hand with the usual speed-up, no data loading at all.
 - ``compute-only``: the same ``cnntrain train`` step on tensors already in memory, no augmentation
   (synthetic data of the same shape): the ceiling the input pipeline is judged against.
 
@@ -86,7 +88,28 @@ def plain_loop(args: argparse.Namespace, data_dir: str | None) -> dict:
     return {"img_per_s": args.steps * args.batch_size / seconds, "startup_s": first_batch}
 
 
-def cnntrain_run(args: argparse.Namespace, data_dir: str | None, precision: str, workdir: Path,
+def plain_compute(args: argparse.Namespace) -> dict:
+    """A plain channels_last fp32 step on one batch already in memory: what a PyTorch user gets from
+    the compute alone, with the usual speed-up applied by hand."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = create_model(args.model, 10).train().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    images = torch.randn(args.batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (args.batch_size,))
+    timed_from = None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            timed_from = time.perf_counter()
+        loss = loss_fn(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"img_per_s": args.steps * args.batch_size / (time.perf_counter() - timed_from), "startup_s": 0.0}
+
+
+def cnntrain_run(args: argparse.Namespace, data_dir: str | None, precision: str | None, workdir: Path,
                  augment: str = "crop-flip") -> dict:
     """``cnntrain train`` in a fresh process; img/s from its own metrics.csv windows."""
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
@@ -94,8 +117,8 @@ def cnntrain_run(args: argparse.Namespace, data_dir: str | None, precision: str,
     window = args.window
     cmd = [sys.executable, "-m", "cnntrain", "train", "--model", args.model, "--batch-size", str(args.batch_size),
            "--max-steps", str(steps), "--display-every", str(window), "--threads", str(args.threads),
-           "--precision", precision, "--progress", "log", "--run-dir", str(run_dir), "--save-every", str(10**9),
-           "--keep-last", "1", "--lr", "0.1"]
+           "--progress", "log", "--run-dir", str(run_dir), "--save-every", str(10**9), "--keep-last", "1",
+           "--lr", "0.1", *(["--precision", precision] if precision else [])]  # None: cnntrain's default
     if data_dir:
         cmd += ["--dataset", "folder", "--data-dir", data_dir, "--val-split", str(args.batch_size)]
     else:
@@ -135,18 +158,22 @@ def main() -> None:
         p.error("give --data-dir (an image folder with train/) or --synthetic-only")
 
     sources = ([("real JPEG", args.data_dir)] if not args.synthetic_only else []) + [("synthetic", None)]
-    rows = [(src, name) for src, _ in sources for name in ("plain fp32", "cnntrain fp32", "cnntrain bf16")]
-    rows += [("in memory", "compute-only fp32"), ("in memory", "compute-only bf16")]
+    rows = [(src, name) for src, _ in sources
+            for name in ("plain fp32", "cnntrain defaults", "cnntrain fp32", "cnntrain bf16")]
+    rows += [("in memory", "plain cl-fp32"), ("in memory", "compute-only fp32"), ("in memory", "compute-only bf16")]
     results: dict[tuple[str, str], list[dict]] = {r: [] for r in rows}
     data_of = dict(sources)
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             for src, name in rows:
                 data_dir = data_of.get(src)
-                if name.startswith("plain"):
+                if name == "plain cl-fp32":
+                    out = plain_compute(args)
+                elif name.startswith("plain"):
                     out = plain_loop(args, data_dir)
                 else:  # compute-only: tensors already in memory, no augmentation
-                    out = cnntrain_run(args, data_dir, name.split()[-1], Path(tmp),
+                    precision = None if name.endswith("defaults") else name.split()[-1]
+                    out = cnntrain_run(args, data_dir, precision, Path(tmp),
                                        "none" if name.startswith("compute") else "crop-flip")
                 results[(src, name)].append(out)
                 print(f"  repeat {rep + 1}/{args.repeats}  {src:10s} {name:18s} {out['img_per_s']:8.1f} img/s",
@@ -168,6 +195,14 @@ def main() -> None:
             e2e = med[(src, f"cnntrain {prec}")] / med[("in memory", f"compute-only {prec}")]
             summary[f"{src} {prec} end-to-end / compute-only"] = e2e
             print(f"{src} cnntrain {prec}: end-to-end / compute-only = {e2e:.3f}")
+    compute = med[("in memory", "plain cl-fp32")]
+    for src, _ in sources:
+        defaults = med[(src, "cnntrain defaults")]
+        summary[f"{src} defaults / plain loop"] = defaults / med[(src, "plain fp32")]
+        summary[f"{src} defaults / plain channels_last fp32 compute"] = defaults / compute
+        print(f"{src} cnntrain defaults: {summary[f'{src} defaults / plain loop']:.2f}x the plain loop, "
+              f"{summary[f'{src} defaults / plain channels_last fp32 compute']:.2f}x plain channels_last fp32 "
+              f"compute alone")
     if args.json:
         Path(args.json).write_text(json.dumps({"median_img_per_s": {f"{s} | {n}": v for (s, n), v in med.items()},
                                                "ratios": summary, "machine": machine_line(),

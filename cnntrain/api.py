@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from cnntrain.parallel.env import detect_launch
 from cnntrain.parallel.ps.roles import run_async_ps
 from cnntrain.parallel.strategy import make_strategy, resume_for_restart
 
+log = logging.getLogger("cnntrain")
 
 def train(config: TrainConfig | dict | None = None, *, callbacks: Iterable[Callback] = (), **kwargs: Any) -> Result:
     """Train with a ``TrainConfig``, a dict of options, or keyword options (``recipe=`` a recipe name).
@@ -48,9 +50,11 @@ def train(config: TrainConfig | dict | None = None, *, callbacks: Iterable[Callb
         if callbacks:
             raise ConfigError("callbacks hang on the synchronous loop; --strategy async-ps takes none")
         return run_async_ps(cfg)
-    launch = detect_launch()
-    cfg = resume_for_restart(cfg, main=launch.rank == 0)
     setup_logging()
+    launch = detect_launch()
+    if launch.rank != 0:
+        log.setLevel(logging.WARNING)  # one line of output per event, from rank 0
+    cfg = resume_for_restart(cfg, main=launch.rank == 0)
     strategy = make_strategy(cfg, launch)
     # --precision auto becomes what this rank's device runs best: the run, config.yaml and its
     # checkpoints only ever see fp32 / fp16 / bf16.

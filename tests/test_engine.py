@@ -304,7 +304,8 @@ def test_callbacks_see_every_moment_in_order(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [("no_such_module:Thing", "cannot import it"),
-                                           ("tests.helpers:tiny", "did not give a cnntrain Callback")])
+                                           ("pathlib:PurePath", "did not give a cnntrain Callback"),
+                                           ("tests.helpers:tiny", "calling it failed")])
 def test_a_callback_that_cannot_be_loaded_is_one_clear_error(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=rf"--callbacks {spec!r}: .*{message}"):
         cnntrain.train(tiny(tmp_path / "run", max_steps=1, callbacks=[spec]))

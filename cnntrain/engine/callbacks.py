@@ -84,9 +84,12 @@ def load_callbacks(specs: Iterable[str]) -> list[Callback]:
         except (ImportError, AttributeError, ValueError) as exc:
             raise ConfigError(f"--callbacks {spec!r}: cannot import it ({exc}); give module.path:Name of an "
                               f"importable Callback class") from None
-        callback = factory()
+        try:
+            callback = factory()
+        except Exception as exc:  # noqa: BLE001 - a user's factory may fail in any way
+            raise ConfigError(f"--callbacks {spec!r}: calling it failed ({type(exc).__name__}: {exc})") from None
         if not all(callable(getattr(callback, m, None)) for m in MOMENTS):
-            raise ConfigError(f"--callbacks {spec!r} did not give a cnntrain Callback (subclass cnntrain.Callback)")
+            raise ConfigError(f"--callbacks {spec!r}: did not give a cnntrain Callback (subclass cnntrain.Callback)")
         out.append(callback)
     return out
 
