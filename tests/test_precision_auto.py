@@ -4,6 +4,7 @@ resolved precision (in its log line, config.yaml, checkpoints and summary), also
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 INTEL_SPR = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 
 
-def _cpu(monkeypatch, feature: str | None) -> None:
+def _cpu(monkeypatch, feature: str | None, speedup: float = 1.6) -> None:
+    """A CPU with ``feature`` (or none) on which a bf16 convolution step runs ``speedup`` x fp32's speed."""
     monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: feature)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: speedup)
 
 
 def _gpu(monkeypatch, capability: tuple[int, int]) -> None:
@@ -45,6 +48,23 @@ def test_auto_on_cpu_follows_native_bf16(monkeypatch, feature, expected):
     precision, reason = resolve_precision("auto", CPU)
     assert precision == expected
     assert (feature or "neither AVX512-BF16 nor AMX") in reason
+
+
+@pytest.mark.parametrize("speedup, expected", [(1.6, "bf16"), (1.1, "bf16"), (0.76, "fp32")])
+def test_auto_on_a_bf16_cpu_takes_bf16_only_where_it_measures_faster(monkeypatch, speedup, expected):
+    """Some AVX512-BF16 CPUs run bf16 convolutions slower than fp32 ones: auto measures instead of
+    trusting the flag."""
+    _cpu(monkeypatch, "AVX512-BF16", speedup)
+    precision, reason = resolve_precision("auto", CPU)
+    assert precision == expected and f"{speedup:.2f}x" in reason
+
+
+def test_the_cpu_bf16_probe_times_both_precisions_quickly():
+    hardware.cpu_bf16_speedup.cache_clear()
+    started = time.perf_counter()
+    speedup = hardware.cpu_bf16_speedup()
+    assert 0.05 < speedup < 20 and time.perf_counter() - started < 10
+    assert hardware.cpu_bf16_speedup() == speedup  # measured once per process
 
 
 @pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
