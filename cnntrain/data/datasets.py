@@ -13,7 +13,7 @@ from cnntrain.config import TrainConfig
 from cnntrain.data.base import ArrayDataset
 from cnntrain.data.cache import cache_root
 from cnntrain.data.cifar import load_cifar
-from cnntrain.data.folder import find_split, folder_dataset, load_image_folder, needs_streaming
+from cnntrain.data.folder import find_split, folder_dataset, load_image_folder, needs_streaming, scan_image_folder
 from cnntrain.data.mnist import load_mnist
 from cnntrain.data.stream_dataset import IMAGENET_STATS, StreamDataset
 from cnntrain.data.synthetic import make_synthetic
@@ -103,12 +103,15 @@ def _tar(cfg: TrainConfig, size: int):
 
 def _folder(cfg: TrainConfig, stream_size: int):
     root = Path(cfg.data_dir)
+    if cfg.pipeline == "stream":
+        return _stream_folder(cfg, stream_size)
+    scan = scan_image_folder(root / "train")  # once: listing 50k files takes seconds
     # Small same-size images (CIFAR-like) fit in memory and train faster there; photos do not.
-    if cfg.pipeline == "stream" or (cfg.pipeline == "auto" and needs_streaming(root / "train")):
+    if cfg.pipeline == "auto" and needs_streaming(root / "train", scan=scan):
         return _stream_folder(cfg, stream_size)
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
     kw = dict(size=size, max_pixels=cfg.max_image_pixels, cache_dir=cache_root(cfg.cache_dir) if cfg.cache else None)
-    train = load_image_folder(root, "train", **kw)
+    train = load_image_folder(root, "train", scan=scan, **kw)
     split = find_split(root)
     test = load_image_folder(root, split, classes=train.classes, **kw) if split else None
     stats = channel_stats(train)
