@@ -30,7 +30,15 @@ from cnntrain.errors import DistributedError
 from cnntrain.models import create_model
 from cnntrain.parallel.ps import protocol as P
 from cnntrain.parallel.ps.client import PsClient
-from cnntrain.parallel.ps.cluster import CHIEF, EVALUATOR, WORKER, ShardPlan, cluster_from_config, config_fingerprint
+from cnntrain.parallel.ps.cluster import (
+    CHIEF,
+    EVALUATOR,
+    WORKER,
+    ShardPlan,
+    cluster_from_config,
+    config_fingerprint,
+    flatten,
+)
 from cnntrain.parallel.ps.frames import (
     DTYPES,
     HEADER,
@@ -43,6 +51,7 @@ from cnntrain.parallel.ps.frames import (
 from cnntrain.parallel.ps.launch import launch_local
 from cnntrain.parallel.ps.listener import Listener
 from cnntrain.parallel.ps.server import run_ps
+from cnntrain.parallel.ps.store import ShardLayout, ShardStore
 from tests.helpers import REPO, tiny
 from tests.test_dist_launch import free_port
 
@@ -56,6 +65,7 @@ import json, logging, sys
 from cnntrain.config import build_config
 from cnntrain.parallel.ps.cluster import cluster_from_config
 from cnntrain.parallel.ps.server import run_ps
+from cnntrain.parallel.ps.store import ShardLayout, ShardStore
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 cfg = build_config(**json.loads(sys.argv[1]))
 run_ps(cfg, cluster_from_config(cfg))
@@ -176,7 +186,11 @@ class Job:
         self.plan = ShardPlan.for_model(create_model(MODEL, CLASSES), 1)
         self.chief = PsClient(cfg, self.cluster, CHIEF, 0, token=TOKEN)
         self.chief.connect()
-        self.chief.init(create_model(MODEL, CLASSES), self.plan, (0, CLASSES, *SHAPE, 8, total, 0.05, 1), None)
+        self.init_numbers = (0, CLASSES, *SHAPE, 8, total, 0.05, 1)
+        initial = create_model(MODEL, CLASSES)
+        self.initial = {k: v.clone() for k, v in initial.state_dict().items()}
+        self.chief.init(initial, self.plan, self.init_numbers, None)
+        self.pushed: list[torch.Tensor] = []  # every honest gradient, in order
         self.worker = PsClient(build_config(**self.options, role="worker", worker_index=1), self.cluster, WORKER, 1,
                                token=TOKEN)
         self.worker.connect()
@@ -191,7 +205,23 @@ class Job:
     def honest_step(self) -> tuple[bool, int]:
         for p in self.model.parameters():
             p.grad = torch.randn(p.shape, generator=self.gen) * 0.01
-        return self.worker.push_pull()
+        done, version = self.worker.push_pull()
+        if version > len(self.pushed):  # applied (this worker is the only one that pushes)
+            self.pushed.append(flatten([p.grad for p in self.model.parameters()]))
+        return done, version
+
+    def weights_without_attacks(self) -> torch.Tensor:
+        """The weights the ps would hold after the honest gradients alone: its own shard code, fed
+        the same INIT and the same gradients in the same order, in this process."""
+        cfg = build_config(**self.options, role="ps", ps_index=0)
+        layout = ShardLayout.from_numbers(cfg, self.cluster, 0, (*self.init_numbers, 0))
+        model = create_model(MODEL, CLASSES)
+        model.load_state_dict(self.initial)
+        store = ShardStore.from_init(layout, (flatten(list(model.parameters())),
+                                              flatten(list(model.buffers()), torch.float64)))
+        for version, grads in enumerate(self.pushed):
+            store.apply(grads, version)
+        return store.flat_params()
 
     def lines_about(self, port: int) -> list[str]:
         return [ln for ln in self.log.read_text().splitlines() if f"127.0.0.1:{port}" in ln]
@@ -427,6 +457,9 @@ def test_the_honest_run_finishes_with_finite_weights_and_bounded_memory(job):
     assert done and version == TOTAL
     _, values, state = job.chief.snapshot(job.plan)
     assert all(torch.isfinite(v).all() for v in values.values())
+    # Every attack was refused before it touched the weights: they are exactly the honest run's.
+    assert len(job.pushed) == TOTAL
+    assert torch.equal(flatten([values[name] for name in job.plan.param_names]), job.weights_without_attacks())
     assert all(torch.isfinite(v).all() for per_key in state.values() for v in per_key.values())
     assert _rss_mb(job.ps.pid) - job.rss_start < 100
     stats = job.chief.stats()
