@@ -33,8 +33,7 @@ from cnntrain.parallel.ps.frames import (
 from cnntrain.parallel.ps.launch import launch_local
 from cnntrain.parallel.ps.server import run_ps
 from tests.helpers import tiny
-from tests.test_dist_launch import free_port
-from tests.test_ps_hostile import (
+from tests.hostile_peer import (
     CLASSES,
     SHAPE,
     TOTAL,
@@ -45,6 +44,7 @@ from tests.test_ps_hostile import (
     _push,
     _rss_mb,
 )
+from tests.test_dist_launch import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
 
