@@ -114,7 +114,7 @@ def test_build_loaders_balances_workers_and_threads(photos: Path) -> None:
     try:
         train, val = build_loaders(cfg, load_data(cfg), CPU)
         assert isinstance(train, StreamLoader) and train.workers == 1 and val is not None
-        from cnntrain.data.streaming import usable_cores
+        from cnntrain.hardware import usable_cores
 
         assert torch.get_num_threads() + train.workers <= max(usable_cores(), 2)
     finally:

@@ -31,6 +31,7 @@ import torch
 from cnntrain.data.folder import folder_dataset, needs_streaming
 from cnntrain.data.pipeline import BatchPlan, mix_seed
 from cnntrain.data.stream_dataset import IMAGENET_STATS, Encoded, StreamDataset
+from cnntrain.hardware import usable_cores
 
 log = logging.getLogger("cnntrain")
 
@@ -103,13 +104,6 @@ def _collate(items: Sequence[tuple[torch.Tensor | Encoded | None, int]]) -> _Bat
 def _worker_init(_: int) -> None:
     # Each worker decodes one image at a time; more intra-op threads would only oversubscribe cores.
     torch.set_num_threads(1)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def default_workers(device_type: str, local_world_size: int = 1) -> int:
