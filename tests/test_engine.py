@@ -309,3 +309,22 @@ def test_callbacks_see_every_moment_in_order(tmp_path):
 def test_a_callback_that_cannot_be_loaded_is_one_clear_error(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=rf"--callbacks {spec!r}: .*{message}"):
         cnntrain.train(tiny(tmp_path / "run", max_steps=1, callbacks=[spec]))
+
+
+def test_a_callback_stops_the_run_and_a_resume_does_not_train_on(tmp_path):
+    class StopAt(cnntrain.Callback):
+        def on_step_end(self, loop, outcome):
+            if loop.state.step == 3:
+                loop.request_stop("enough at step 3")
+
+    options = tiny(tmp_path / "run", max_steps=8, save_every=2)
+    result = cnntrain.train(options, callbacks=[StopAt()])
+    assert result.steps == 3 and result.summary["stopped"] == "enough at step 3"
+    newest = ckpt.latest_valid(result.run_dir / "checkpoints")
+    assert newest.name == "step-00000003.pt"
+    assert torch.load(newest, weights_only=True)["stopped"] == "enough at step 3"
+    before = weights(result.run_dir)
+    again = cnntrain.train({**options, "resume": "auto"})
+    assert again.steps == 3 and again.summary["stopped"] == "enough at step 3"
+    after = weights(again.run_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -20,7 +20,8 @@ Moments, in the order a run meets them (``loop`` is the running ``engine.loop.Tr
 - ``on_step_end(loop, outcome)``: after a step and whatever log / eval / save fell due at it.
 - ``on_train_end(loop, summary)``: the run's summary, before summary.json is written.
 
-Every rank calls the moments; ``loop.is_main`` tells rank 0. metrics.csv, TensorBoard, the
+Every rank calls the moments; ``loop.is_main`` tells rank 0. ``loop.request_stop(reason)`` ends the run
+after the current step (early stopping, a pruned trial): call it on every rank alike. metrics.csv, TensorBoard, the
 progress line and the plots are callbacks themselves (``DEFAULT_CALLBACKS``).
 """
 

@@ -79,12 +79,22 @@ class TrainLoop:
         self.compile_seconds: float | None = None
         self.started = self.last_save = time.perf_counter()
         self.save_due = False  # several ranks: --save-interval has passed on rank 0 (agreed at the last log line)
+        self.stop_reason: str | None = state.extra.get("stopped")  # a resumed run that had stopped stays stopped
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current step (early stopping, a pruned trial). Call it on every rank
+        with the same decision, e.g. from ``on_eval_end``, whose result every rank shares; the run saves
+        a checkpoint that remembers the stop, so ``--resume`` of it does not train on."""
+        self.stop_reason = reason
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         state = self.state
         self.callbacks.on_train_start(self)
         self.started = self.last_save = time.perf_counter()
+        if self.stop_reason:
+            log.info("this run stopped at step %d (%s); nothing to resume", state.step, self.stop_reason)
+            return
         while state.step < self.total_steps:
             epoch, in_epoch = divmod(state.step, self.steps_per_epoch)
             batches = self.train_loader.iterate(epoch, in_epoch * self.parts.accum)  # counts micro-batches
@@ -94,6 +104,15 @@ class TrainLoop:
                 outcome = self.step(batches)
                 self.after_step(outcome)
                 self.callbacks.on_step_end(self, outcome)
+                if self.stop_reason:
+                    self.stop()
+                    return
+
+    def stop(self) -> None:
+        """Stop at this step, as ``request_stop`` asked: the checkpoint records why."""
+        log.info("stopping at step %d: %s", self.state.step, self.stop_reason)
+        self.state.extra["stopped"] = self.stop_reason
+        self.save()  # also when this step was just saved: the rewritten checkpoint carries the stop
 
     def step(self, batches) -> StepOutcome:
         state = self.state

@@ -85,4 +85,5 @@ class TrainState:
         device = next(iter(self.model.state_dict().values()), torch.empty(0)).device
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        self.extra = {k: payload[k] for k in ("strategy", "ps_optimizer", "async_ps", "callbacks") if k in payload}
+        kept = ("strategy", "ps_optimizer", "async_ps", "callbacks", "stopped")
+        self.extra = {k: payload[k] for k in kept if k in payload}

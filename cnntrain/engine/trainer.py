@@ -228,7 +228,8 @@ def finish(loop: TrainLoop) -> Result:
         "eval_split": loop.data.val_name, "eval_images": last.count if last else 0,
         "train_seconds": seconds, "total_seconds": loop.elapsed(), "img_per_s": loop.images_seen / max(seconds, 1e-9),
         "skipped_steps": state.scaler.skipped, "loss_scale": state.scaler.scale,
-        "compile_seconds": loop.compile_seconds, "peak_memory_mb": peak_memory_mb(loop.strategy.device),
+        "stopped": loop.stop_reason, "compile_seconds": loop.compile_seconds,
+        "peak_memory_mb": peak_memory_mb(loop.strategy.device),
         **loop.strategy.comm_stats(), **loop.parts.profiler.finish(),
     }
     loop.callbacks.on_train_end(loop, summary)
