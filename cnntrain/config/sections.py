@@ -82,9 +82,48 @@ class DataConfig(Section):
     cache_dir: str = option("", "folder of the decoded-image cache (default: $CNNTRAIN_CACHE, else "
                                 "~/.cache/cnntrain)")
 
+    # Augmentation policies (data/augment.py), mixing (data/mixing.py), repeated augmentation (data/samplers.py)
+    auto_augment: str = option("none", "torchvision policy per training image: none | randaugment | trivialaugment | "
+                                       "autoaugment-imagenet | autoaugment-cifar10 | autoaugment-svhn | augmix",
+                               choices=("none", "randaugment", "trivialaugment", "autoaugment-imagenet",
+                                        "autoaugment-cifar10", "autoaugment-svhn", "augmix"))
+    aa_magnitude: int = option(9, "randaugment: magnitude bin of every op (0 .. --aa-bins - 1)")
+    aa_num_ops: int = option(2, "randaugment: ops applied to each image")
+    aa_bins: int = option(31, "randaugment / trivialaugment: number of magnitude bins")
+    augmix_severity: int = option(3, "augmix: severity of its ops (1..10)")
+    augmix_width: int = option(3, "augmix: augmentation chains mixed")
+    random_erase: float = option(0.0, "probability of erasing a random rectangle of each training image with noise "
+                                      "(timm's --reprob; 0: off)")
+    mixup: float = option(0.0, "Mixup's Beta(alpha, alpha) for training batches (0: off)")
+    cutmix: float = option(0.0, "CutMix's Beta(alpha, alpha) for training batches (0: off)")
+    mix_prob: float = option(1.0, "probability that a batch is mixed (--mixup / --cutmix)")
+    mixup_switch_prob: float = option(0.5, "with --mixup and --cutmix: probability of CutMix for a mixed batch")
+    repeated_aug: int = option(0, "repeated augmentation: each epoch shows 1/N of the images N times, each copy "
+                                  "augmented apart (timm's --aug-repeats; 0 or 1: off)")
+
     def validate(self) -> None:
         if self.max_image_pixels < 0:
             raise ConfigError(f"--max-image-pixels must be >= 0 (0: no limit), got {self.max_image_pixels}")
+        self._validate_augmentation()
+
+    def _validate_augmentation(self) -> None:
+        for name in ("random_erase", "mix_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{flag(name)} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.mixup < 0 or self.cutmix < 0 or self.repeated_aug < 0:
+            raise ConfigError(f"--mixup, --cutmix and --repeated-aug must be >= 0, got {self.mixup}, {self.cutmix} "
+                              f"and {self.repeated_aug}")
+        if not 0 <= self.aa_magnitude < self.aa_bins or self.aa_num_ops < 1:
+            raise ConfigError(f"--aa-magnitude must be in [0, --aa-bins {self.aa_bins}) and --aa-num-ops >= 1, got "
+                              f"{self.aa_magnitude} and {self.aa_num_ops}")
+        if not 1 <= self.augmix_severity <= 10 or self.augmix_width < 1:
+            raise ConfigError(f"--augmix-severity must be in 1..10 and --augmix-width >= 1, got "
+                              f"{self.augmix_severity} and {self.augmix_width}")
+        if self.auto_augment != "none" and self.decode == "device":
+            raise ConfigError(f"--auto-augment {self.auto_augment} runs in the DataLoader workers on decoded images: "
+                              f"use --decode host")
+        if self.repeated_aug > 1 and getattr(self, "balanced_sampler", False):
+            raise ConfigError("--repeated-aug and --balanced-sampler each decide the epoch's images: drop one")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 
 from cnntrain.config import TrainConfig
 from cnntrain.data.datasets import DataBundle
+from cnntrain.data.mixing import with_augmentation
 from cnntrain.data.pipeline import Augment, DeviceLoader
 from cnntrain.data.stream_dataset import StreamDataset
 from cnntrain.data.streaming import StreamLoader, balance_threads, default_workers
@@ -29,6 +30,7 @@ def build_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, rank
     train = DeviceLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std,
                          shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, augment=augment,
                          drop_last=cfg.drop_last, channels_last=cfg.channels_last)
+    train = with_augmentation(cfg, data.num_classes, train, world_size)
     val = None
     if data.val is not None:
         val = DeviceLoader(data.val, max(cfg.batch_size, 256), device=device, mean=data.mean, std=data.std,
@@ -46,6 +48,7 @@ def build_stream_loaders(cfg: TrainConfig, data: DataBundle, device: torch.devic
     train = StreamLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std, shuffle=True,
                          seed=cfg.seed, rank=rank, world_size=world_size, workers=workers,
                          drop_last=cfg.drop_last, channels_last=cfg.channels_last)
+    train = with_augmentation(cfg, data.num_classes, train, world_size)
     val = None
     if data.val is not None:
         val = build_eval_loader(cfg, data.val, device, data.mean, data.std, rank, world_size, workers,

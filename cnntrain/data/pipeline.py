@@ -144,6 +144,7 @@ class BatchPlan:
         self.scale = (1.0 / (255.0 * std_t)).view(shape).to(device)
         self.shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(shape).to(device)
         self._eval_range = (size * rank // world_size, size * (rank + 1) // world_size)
+        self.order = None  # epoch -> sample order replacing the shuffle (data/balance.py's BalancedOrder)
 
     @property
     def global_batch(self) -> int:
@@ -159,6 +160,8 @@ class BatchPlan:
         return full + (1 if keep_rest else 0)
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        if self.order is not None:
+            return self.order(epoch)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         return torch.randperm(self.size, generator=g)
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnntrain.data.augment import POLICY_TAG, apply_one
 from cnntrain.data.crops import (
     EVAL_RESIZE_RATIO,
     centre_crop_box,
@@ -30,6 +31,7 @@ from cnntrain.data.crops import (
     sample_resized_crop_box,
 )
 from cnntrain.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, open_image, to_rgb
+from cnntrain.data.pipeline import mix_seed
 from cnntrain.errors import DataError
 
 log = logging.getLogger("cnntrain")
@@ -72,6 +74,7 @@ class StreamDataset:
     decode: str = "host"  # host: workers decode; device: workers pass JPEGs on, the device decodes them
     reader: Callable[[StreamDataset, Any], tuple[bytes, list[Box]]] = read_file
     max_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused unread (images.open_image); 0: no limit
+    policy: Callable | None = None  # --auto-augment's transform (augment.py), applied to each training crop
     _files: dict = field(default_factory=dict, repr=False)  # open shard handles, per worker process
 
     def __len__(self) -> int:
@@ -139,7 +142,10 @@ class StreamDataset:
                     out = crop_resize(image, box, self.image_size, flip)
                 else:
                     out = resize_centre_crop(image, self.image_size)
-            return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
+            pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
+            if self.train and self.policy is not None:
+                pixels = apply_one(self.policy, pixels, mix_seed(seed, POLICY_TAG))
+            return pixels
         except ImageTooLarge as exc:  # skipped like a corrupt file, but said at once: the limit may need raising
             log.warning("skipping %s", exc)
             return None

@@ -139,8 +139,12 @@ class StreamLoader(BatchPlan):
         steps = range(start_step, len(self))
         if self.shuffle:
             perm = self.permutation(epoch)
-            return [[(i, mix_seed(self.seed, epoch, i)) for i in self.step_indices(epoch, s, perm).tolist()]
-                    for s in steps]
+            if getattr(self, "order", None) is None:
+                return [[(i, mix_seed(self.seed, epoch, i)) for i in self.step_indices(epoch, s, perm).tolist()]
+                        for s in steps]
+            # An order may hold an image several times (--repeated-aug, a balanced draw): each copy its own crop.
+            return [[(i, mix_seed(self.seed, epoch, i, s, self.rank, k))
+                     for k, i in enumerate(self.step_indices(epoch, s, perm).tolist())] for s in steps]
         return [[(i, 0) for i in self.step_indices(epoch, s).tolist()] for s in steps]
 
     def _merge_decoded(self, batch: _Batch, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

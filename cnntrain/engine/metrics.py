@@ -139,6 +139,8 @@ class TrainWindow:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One (micro-)batch's mean loss and predictions."""
         n = labels.shape[0]
+        if labels.dim() == 2:  # soft targets (--mixup / --cutmix): the class with the largest share
+            labels = labels.argmax(dim=1)
         correct = (logits.argmax(dim=1) == labels).sum()
         self.sums += torch.stack([loss.detach().double() * n, correct.double(),
                                   torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
