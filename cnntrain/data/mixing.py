@@ -60,7 +60,7 @@ class Mixing:
         if transform is None or len(labels) < 2:
             return images, torch.nn.functional.one_hot(labels, self.num_classes).float()
         with torch.random.fork_rng(devices=[]):  # MixUp / CutMix draw on the host
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return transform(images, labels)
 
 
