@@ -112,3 +112,18 @@ def test_the_batch_stage_resumes_mid_epoch_exactly():
     for (x, y), (u, v) in zip(full[3:], resumed):
         assert torch.equal(x, u) and torch.equal(y, v)
     assert not torch.equal(full[0][0], next(stage.iterate(3))[0])  # another epoch, other draws
+
+
+def test_async_ps_trains_with_mixing_erasing_and_a_policy_as_synchronous_training(tmp_path):
+    """One async-ps worker under --max-staleness 0 is synchronous SGD: with the batch stage and a policy on,
+    it ends with exactly the synchronous run's weights (the workers build their loaders as the trainer does)."""
+    import cnntrain
+    from tests.helpers import tiny, weights
+    from tests.test_async_ps import _cluster_options, _run_in_threads
+
+    options = dict(synthetic_shape=[3, 16, 16], model="resnet20", epochs=1, progress="none", mixup=0.4, cutmix=1.0,
+                   random_erase=0.5, auto_augment="trivialaugment", label_smoothing=0.1)
+    cnntrain.train(tiny(tmp_path / "sync", **options))
+    _run_in_threads(_cluster_options(tmp_path / "async", 1, **options, max_staleness=0), workers=1)
+    expected, got = weights(tmp_path / "sync"), weights(tmp_path / "async")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
