@@ -135,6 +135,21 @@ def test_streamed_sets_apply_the_policy_in_the_workers_and_resume_exactly(photos
         assert torch.equal(x, u) and torch.equal(y, v)
 
 
+def test_device_decoding_applies_the_policy_after_the_crop_with_the_same_seed(photos):
+    data = replace(folder_dataset(photos / "train", 16), decode="device", policy=build_policy("autoaugment-imagenet"))
+    plain = StreamLoader(replace(data, policy=None), 4, device=CPU, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True,
+                         seed=3)
+    policed = StreamLoader(data, 4, device=CPU, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True, seed=3)
+    keys = plain._batch_keys(0, 0)[0]
+    encoded = [data.load(i, seed) for i, seed in keys]
+    assert all(e.seed == mix_seed(seed, POLICY_TAG) for e, (_, seed) in zip(encoded, keys))
+    (x, _), (u, _) = next(plain.iterate(0)), next(policed.iterate(0))
+    for crop, got, e in zip(x, u, encoded):
+        pixels = ((crop * 0.25 + 0.5) * 255).round().to(torch.uint8)  # back to the decoded crop
+        torch.manual_seed(e.seed)
+        assert torch.equal(got, policed.normalise(v2.AutoAugment()(pixels)[None])[0])
+
+
 def test_repeated_aug_covers_every_image_n_times_across_two_ranks_and_resumes_mid_epoch():
     size, n, batch, world = 48, 3, 4, 2
     plans = [BatchPlan(size, batch, device=CPU, mean=(0.0,), std=(1.0,), shuffle=True, seed=9, rank=r,
@@ -168,7 +183,6 @@ def test_copies_of_an_image_are_augmented_apart():
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(auto_augment="randaugment", decode="device"), "--decode host"),
     (dict(repeated_aug=2, balanced_sampler=True), "drop one"),
     (dict(random_erase=1.5), "--random-erase is a probability"),
     (dict(aa_magnitude=31), "--aa-magnitude"),

@@ -119,9 +119,6 @@ class DataConfig(Section):
         if not 1 <= self.augmix_severity <= 10 or self.augmix_width < 1:
             raise ConfigError(f"--augmix-severity must be in 1..10 and --augmix-width >= 1, got "
                               f"{self.augmix_severity} and {self.augmix_width}")
-        if self.auto_augment != "none" and self.decode == "device":
-            raise ConfigError(f"--auto-augment {self.auto_augment} runs in the DataLoader workers on decoded images: "
-                              f"use --decode host")
         if self.repeated_aug > 1 and getattr(self, "balanced_sampler", False):
             raise ConfigError("--repeated-aug and --balanced-sampler each decide the epoch's images: drop one")
 

@@ -54,6 +54,7 @@ class Encoded:
     data: torch.Tensor  # uint8 [n], the file's bytes
     box: tuple[int, int, int, int]  # left, top, right, bottom in the full image
     flip: bool
+    seed: int = 0  # of the --auto-augment policy the device applies after the crop
 
 
 @dataclass
@@ -130,7 +131,8 @@ class StreamDataset:
             with open_image(io.BytesIO(data), self.where(i), self.max_pixels) as image:  # reads the header only
                 if self.decode == "device" and image.format == "JPEG" and image.mode in ("RGB", "L"):
                     box, flip = self._crop(image.size, boxes, seed)
-                    return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
+                    return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip,
+                                   mix_seed(seed, POLICY_TAG))
                 if not self.train and image.format == "JPEG":
                     # libjpeg can decode at 1/2..1/8 scale: much faster when the image is large.
                     resize = round(self.image_size * EVAL_RESIZE_RATIO)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 
+from cnntrain.data.augment import apply_seeded
 from cnntrain.data.folder import folder_dataset, needs_streaming
 from cnntrain.data.pipeline import BatchPlan, mix_seed
 from cnntrain.data.stream_dataset import IMAGENET_STATS, Encoded, StreamDataset
@@ -41,11 +42,13 @@ __all__ = ["IMAGENET_STATS", "Encoded", "StreamDataset", "StreamLoader", "balanc
            "default_workers", "folder_dataset", "needs_streaming", "usable_cores"]
 
 
-def decode_on_device(encoded: Sequence[Encoded], size: int, device: torch.device) -> list[torch.Tensor | None]:
+def decode_on_device(encoded: Sequence[Encoded], size: int, device: torch.device,
+                     policy: Callable | None = None) -> list[torch.Tensor | None]:
     """Decode JPEGs on ``device`` (nvJPEG on CUDA, libjpeg-turbo on CPU) in one batched call, then
-    crop, resize (antialiased bilinear, as PIL's) and mirror each there: uint8 [3, S, S] each, or
-    None for one that does not decode. The pixel limit was checked from each JPEG's header (PIL
-    reads it without decoding) when :meth:`StreamDataset.load` made the :class:`Encoded`."""
+    crop, resize (antialiased bilinear, as PIL's) and mirror each there, then apply ``policy``
+    (``--auto-augment``) with each one's seed: uint8 [3, S, S] each, or None for one that does not
+    decode. The pixel limit was checked from each JPEG's header (PIL reads it without decoding) when
+    :meth:`StreamDataset.load` made the :class:`Encoded`."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
@@ -66,7 +69,8 @@ def decode_on_device(encoded: Sequence[Encoded], size: int, device: torch.device
             continue
         left, top, right, bottom = e.box
         crop = F.resized_crop(image, top, left, bottom - top, right - left, [size, size], antialias=True)
-        out.append(crop.flip(-1) if e.flip else crop)
+        crop = crop.flip(-1) if e.flip else crop
+        out.append(apply_seeded(policy, crop[None], [e.seed])[0] if policy is not None else crop)
     return out
 
 
@@ -150,7 +154,7 @@ class StreamLoader(BatchPlan):
     def _merge_decoded(self, batch: _Batch, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The batch in its order with the device-decoded JPEGs in their places; (images, labels, failed)."""
         size = self.data.image_size
-        decoded = decode_on_device(batch.encoded, size, self.device)
+        decoded = decode_on_device(batch.encoded, size, self.device, self.data.policy if self.shuffle else None)
         images = torch.empty(len(batch.labels), 3, size, size, dtype=torch.uint8, device=self.device)
         if pixels.numel():
             images[~batch.is_encoded.to(self.device)] = pixels
