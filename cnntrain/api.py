@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,13 @@ from cnntrain.config import TrainConfig, build_config, config_from_dict
 from cnntrain.data.datasets import load_data
 from cnntrain.data.loaders import build_eval_loader
 from cnntrain.engine import checkpoint as ckpt
+from cnntrain.engine.calibration import (
+    collect_logits,
+    fit_temperature,
+    read_temperature,
+    run_folder_of,
+    save_temperature,
+)
 from cnntrain.engine.callbacks import Callback
 from cnntrain.engine.evaluate import EvalResult
 from cnntrain.engine.evaluate import evaluate as score
@@ -124,10 +132,50 @@ def _infer_classes(state: dict[str, torch.Tensor]) -> int:
     return last[-1].shape[0]
 
 
-def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
+def evaluate(path: str | Path, *, calibrated: bool = False, **overrides: Any) -> EvalResult:
     """Score a run, checkpoint or ``model.safetensors`` on its data set's validation/test split.
 
-    ``overrides`` change the stored config (e.g. ``data_dir=``, ``batch_size=``, ``device=``)."""
+    ``overrides`` change the stored config (e.g. ``data_dir=``, ``batch_size=``, ``device=``);
+    ``calibrated``: logits divided by the run's fitted temperature (``calibrate``), when it has one
+    for these weights (loss and calibration error change, predictions do not)."""
+    temperature = temperature_of(path) if calibrated else 1.0
+    with _eval_setup(path, overrides) as (cfg, strategy, data, model, loader):
+        return score(model, loader.iterate(0), data.num_classes, precision=cfg.precision,
+                     device=strategy.device, confusion=True, tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate,
+                     all_reduce=strategy.all_reduce_sum if strategy.world_size > 1 else None,
+                     temperature=temperature)
+
+
+def temperature_of(path: str | Path) -> float:
+    """The calibration temperature stored for the weights at ``path`` (1.0: not calibrated)."""
+    return read_temperature(_weights_source(Path(path)))
+
+
+def eval_folder(path: str | Path) -> Path:
+    """Where ``cnntrain eval`` writes its report for the weights at ``path``: ``<run folder>/eval``."""
+    return run_folder_of(_weights_source(Path(path))) / "eval"
+
+
+def calibrate(path: str | Path, **overrides: Any) -> dict[str, Any]:
+    """Fit the temperature of a run's weights on its validation split and store it in the run folder
+    (``calibration.json``, read by ``predict`` and ``evaluate(calibrated=True)``). Returns the facts
+    stored: temperature, validation NLL before / after, images, split. One process only."""
+    source = _weights_source(Path(path))
+    with _eval_setup(path, overrides) as (cfg, strategy, data, model, loader):
+        if strategy.world_size > 1:
+            raise ConfigError("cnntrain eval --calibrate runs in one process: start it without a launcher")
+        logits, labels = collect_logits(model, loader.iterate(0), precision=cfg.precision, tta_flip=cfg.tta_flip,
+                                        tta_translate=cfg.tta_translate)
+    temperature = fit_temperature(logits, labels)
+    nll = [float(torch.nn.functional.cross_entropy(logits.double() / t, labels)) for t in (1.0, temperature)]
+    facts = {"nll_before": nll[0], "nll_after": nll[1], "images": len(labels), "split": data.val_name}
+    written = save_temperature(source, temperature, facts)
+    return {"temperature": temperature, **facts, "file": str(written)}
+
+
+@contextlib.contextmanager
+def _eval_setup(path: str | Path, overrides: dict[str, Any]):
+    """(cfg, strategy, data, model, validation loader) for scoring the weights at ``path``."""
     state, saved, meta = load_weights(path)
     cfg = build_config(**{**saved.to_dict(), "resume": "", **{k: v for k, v in overrides.items() if v is not None}})
     strategy = make_strategy(cfg)
@@ -142,8 +190,6 @@ def evaluate(path: str | Path, **overrides: Any) -> EvalResult:
         std = meta.get("std") or data.std
         loader = build_eval_loader(cfg, data.val, strategy.device, mean, std, strategy.rank, strategy.world_size,
                                    local_world_size=strategy.local_world_size)
-        return score(model, loader.iterate(0), data.num_classes, precision=cfg.precision,
-                     device=strategy.device, confusion=True, tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate,
-                     all_reduce=strategy.all_reduce_sum if strategy.world_size > 1 else None)
+        yield cfg, strategy, data, model, loader
     finally:
         strategy.teardown()

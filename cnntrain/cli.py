@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", "-c", choices=(*CHOICES["device"], *DEVICE_ALIASES))
     p.add_argument("--no-verify", dest="verify", action="store_false", default=None)
     p.add_argument("--confusion", action="store_true", help="also print the confusion matrix")
+    p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split and store "
+                   "it in the run (calibration.json): predict then gives calibrated probabilities")
 
     p = sub.add_parser("models", help="list the models")
     p.add_argument("--family", help="only this family (e.g. torchvision, cifar, nnabla)")
@@ -131,6 +133,9 @@ def _add_tool_parsers(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", "-c", default="cpu", choices=(*CHOICES["device"], *DEVICE_ALIASES))
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
+    p.add_argument("--no-calibration", dest="calibrated", action="store_false",
+                   help="ignore the temperature cnntrain eval --calibrate stored (raw softmax probabilities)")
     p.add_argument("--max-image-pixels", type=int, default=178_956_970,
                    help="refuse images with more pixels than this (decompression-bomb guard; 0: no limit)")
 
@@ -205,21 +210,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise ConfigError("cnntrain eval needs --checkpoint (or --watch RUN_DIR)")
     _, cfg, meta = load_weights(args.checkpoint)
-    result = evaluate(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size,
-                      device=args.device, verify=args.verify)
+    overrides = dict(data_dir=args.data_dir, batch_size=args.batch_size, device=args.device, verify=args.verify)
+    if args.calibrate:
+        from cnntrain.api import calibrate
+
+        fitted = calibrate(args.checkpoint, **overrides)
+        print(f"temperature {fitted['temperature']:.4f}: {fitted['split']} NLL {fitted['nll_before']:.4f} -> "
+              f"{fitted['nll_after']:.4f} ({fitted['images']} images); stored in {fitted['file']}")
+    result = evaluate(args.checkpoint, calibrated=True, **overrides)
     if detect_launch().rank != 0:  # every rank holds the summed result; one report is enough
         return 0
     classes = meta.get("classes") or [str(i) for i in range(len(result.class_total))]
     print(f"{args.checkpoint}: {cfg.model} on {cfg.dataset} ({result.count} images)")
     print(f"top-1 {100 * result.top1:.2f}% +- {100 * result.top1_stderr:.2f}  top-5 {100 * result.top5:.2f}%  "
           f"loss {result.loss:.4f}")
+    _report_eval(args.checkpoint, result, classes, f"{cfg.dataset} / {cfg.model}")
     width = max(len(c) for c in classes)
-    for name, acc, total in zip(classes, result.per_class(), result.class_total):
-        print(f"  {name:<{width}}  {100 * acc:6.2f}%  ({total} images)")
     if args.confusion and result.confusion:
         for name, row in zip(classes, result.confusion):
             print(f"  {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
     return 0
+
+
+def _report_eval(checkpoint: str, result, classes: list[str], title: str) -> None:
+    """Per-class precision / recall / F1 and ECE printed; the files in the run folder's eval/."""
+    from cnntrain.api import eval_folder
+    from cnntrain.engine.classification_metrics import format_scores, write_eval_report
+
+    print("\n".join(format_scores(result, classes)))
+    folder = eval_folder(checkpoint)
+    report = write_eval_report(folder, result, classes, title, extra={"weights": str(checkpoint)})
+    print(f"macro F1 {100 * report['macro_f1']:.2f}%  weighted F1 {100 * report['weighted_f1']:.2f}%  "
+          f"ECE {100 * report['ece']:.2f}%  ({folder}: confusion.csv, confusion.png, reliability.png, metrics.json)")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -299,7 +321,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cnntrain.predict import predict
 
     results = predict(args.checkpoint, args.inputs, top_k=args.top_k,
-                      device=DEVICE_ALIASES.get(args.device, args.device), max_image_pixels=args.max_image_pixels)
+                      device=DEVICE_ALIASES.get(args.device, args.device), max_image_pixels=args.max_image_pixels,
+                      tta=args.tta, calibrated=args.calibrated)
     for r in results:
         if args.json:
             print(json.dumps({"path": str(r.path), "top": r.top, "error": r.error}))

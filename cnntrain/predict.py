@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnntrain.api import load, load_weights
+from cnntrain.api import load, load_weights, temperature_of
 from cnntrain.data.crops import resize_centre_crop
 from cnntrain.data.folder import IMAGE_EXTENSIONS
 from cnntrain.data.images import MAX_IMAGE_PIXELS, open_image, to_rgb
+from cnntrain.engine.evaluate import tta_logits
 from cnntrain.errors import DataError
 
 
@@ -66,8 +67,13 @@ def prepare_image(path: Path, shape: tuple[int, int, int], max_pixels: int = MAX
 
 @torch.no_grad()
 def predict(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, top_k: int = 5,
-            device: str = "cpu", batch_size: int = 32, max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Prediction]:
+            device: str = "cpu", batch_size: int = 32, max_image_pixels: int = MAX_IMAGE_PIXELS,
+            tta: bool = False, calibrated: bool = True) -> list[Prediction]:
     """Top-``top_k`` (class, probability) for every image in ``inputs`` (files or folders).
+
+    ``tta``: logits averaged over each image and its mirror image. ``calibrated``: probabilities
+    from logits divided by the temperature ``cnntrain eval --calibrate`` stored for these weights
+    (none stored: T = 1).
 
     A file that cannot be decoded, or has more than ``max_image_pixels`` pixels (0: no limit), gets
     a :class:`Prediction` with ``error`` set instead of a crash.
@@ -75,6 +81,7 @@ def predict(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, t
 
     _, _, meta = load_weights(checkpoint)
     model = load(checkpoint, device)
+    temperature = temperature_of(checkpoint) if calibrated else 1.0
     shape = tuple(meta.get("input_shape") or (3, 224, 224))
     classes = meta.get("classes") or [str(i) for i in range(meta.get("num_classes") or 0)]
     mean = torch.tensor(meta.get("mean") or [0.5] * shape[0]).view(1, -1, 1, 1).to(device)
@@ -87,8 +94,7 @@ def predict(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, t
         if not pending:
             return
         batch = torch.stack([x for _, x in pending]).to(device).float().div_(255).sub_(mean).div_(std)
-        logits = model(batch)
-        probs = (logits if isinstance(logits, torch.Tensor) else logits[0]).float().softmax(dim=1)
+        probs = (tta_logits(model, batch, flip=tta) / temperature).softmax(dim=1)
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         for (i, _), vs, ix in zip(pending, values.tolist(), indices.tolist()):

@@ -81,6 +81,8 @@ class DataConfig(Section):
                                "while the files are unchanged (--no-cache: decode every run, write nothing)")
     cache_dir: str = option("", "folder of the decoded-image cache (default: $CNNTRAIN_CACHE, else "
                                 "~/.cache/cnntrain)")
+    balanced_sampler: bool = option(False, "draw each epoch's training images with replacement, every class equally "
+                                           "likely (imbalanced sets)")
 
     # Augmentation policies (data/augment.py), mixing (data/mixing.py), repeated augmentation (data/samplers.py)
     auto_augment: str = option("none", "torchvision policy per training image: none | randaugment | trivialaugment | "
@@ -148,8 +150,9 @@ class OptimConfig(Section):
     decay_bn_bias: bool = option(True, "apply weight decay to BatchNorm weights and biases too")
     norm_lr_scale: float = option(1.0, "LR multiplier for normalisation-layer parameters (BatchNorm shifts and "
                                        "scales)")
-    lr_schedule: str = option("cosine", "constant | step | multistep | cosine | poly | onecycle",
-                              choices=("constant", "step", "multistep", "cosine", "poly", "onecycle"))
+    lr_schedule: str = option("cosine", "constant | step | multistep | cosine | poly | onecycle | plateau (times "
+                                        "--lr-gamma when --early-stop-metric stops improving)",
+                              choices=("constant", "step", "multistep", "cosine", "poly", "onecycle", "plateau"))
     lr_milestones: tuple[float, ...] = option((), "epochs, for step / multistep")
     lr_step_epochs: float = option(30, "step: decay every this many epochs")
     lr_gamma: float = option(0.1, "step / multistep decay factor")
@@ -167,6 +170,16 @@ class OptimConfig(Section):
     larc_eps: float = option(1e-8, "LARC: added to the gradient norm so that a zero gradient does not divide by 0")
     larc_bn_bias: bool = option(False, "apply LARC to biases and normalisation parameters too (nvcnn leaves "
                                        "them out)")
+    class_weights: str = option("", "loss weight per class: auto (inverse class frequency) or a file (class: weight "
+                                    "mapping, or one weight per line in class order); \"\": equal")
+    early_stop: int = option(0, "stop when --early-stop-metric has not improved for this many evaluations (0: off); "
+                                "model.safetensors holds the best evaluation's weights")
+    early_stop_metric: str = option("loss", "validation metric watched by --early-stop and --lr-schedule plateau: "
+                                            "loss | top1 | top5 | f1 (macro F1)",
+                                    choices=("loss", "top1", "top5", "f1"))
+    early_stop_min_delta: float = option(0.0, "smallest change of --early-stop-metric that counts as an improvement "
+                                              "(top1 / top5 / f1 as fractions)")
+    plateau_patience: int = option(2, "--lr-schedule plateau: evaluations without improvement before the LR drops")
 
     def validate(self) -> None:
         _positive(self, "batch_size", "accum_steps")
@@ -180,6 +193,9 @@ class OptimConfig(Section):
             raise ConfigError("--lr-schedule multistep needs --lr-milestones (epochs, e.g. 100 150)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.early_stop < 0 or self.plateau_patience < 0 or self.early_stop_min_delta < 0:
+            raise ConfigError(f"--early-stop, --plateau-patience and --early-stop-min-delta must be >= 0, got "
+                              f"{self.early_stop}, {self.plateau_patience} and {self.early_stop_min_delta}")
         if self.lookahead < 0 or not 0 < self.lookahead_alpha < 1:
             raise ConfigError(f"--lookahead must be >= 0 and --lookahead-alpha in (0, 1), got {self.lookahead} and "
                               f"{self.lookahead_alpha}")

@@ -144,8 +144,11 @@ def _validate_across_sections(cfg: TrainConfig) -> None:
         # --norm-lr-scale and timed parameter groups work (the step and the ps's optimizer do them).
         sync_only = {"ema_decay": cfg.ema_decay != 0, "lookahead": cfg.lookahead != 0, "sync_bn": cfg.sync_bn,
                      "grad_compression": cfg.grad_compression != "none", "partial_update": cfg.partial_update,
-                     "profile": cfg.profile != "none"}
+                     "profile": cfg.profile != "none", "early_stop": cfg.early_stop != 0}
         for name, used in sync_only.items():
             if used:
                 raise ConfigError(f"{flag(name)} is not supported with --strategy async-ps "
                                   f"(it belongs to synchronous training)")
+        if cfg.lr_schedule == "plateau":
+            raise ConfigError("--lr-schedule plateau is not supported with --strategy async-ps (the ps computes the "
+                              "LR from the update count alone)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from cnntrain.config import TrainConfig
+from cnntrain.data.balance import BalancedOrder
 from cnntrain.data.datasets import DataBundle
 from cnntrain.data.mixing import with_augmentation
 from cnntrain.data.pipeline import Augment, DeviceLoader
@@ -30,12 +31,19 @@ def build_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, rank
     train = DeviceLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std,
                          shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, augment=augment,
                          drop_last=cfg.drop_last, channels_last=cfg.channels_last)
+    _balance(cfg, data, train)
     train = with_augmentation(cfg, data.num_classes, train, world_size)
     val = None
     if data.val is not None:
         val = DeviceLoader(data.val, max(cfg.batch_size, 256), device=device, mean=data.mean, std=data.std,
                            shuffle=False, rank=rank, world_size=world_size, channels_last=cfg.channels_last)
     return train, val
+
+
+def _balance(cfg: TrainConfig, data: DataBundle, train: DeviceLoader | StreamLoader) -> None:
+    """``--balanced-sampler``: the training order becomes a class-balanced draw (data/balance.py)."""
+    if cfg.balanced_sampler:
+        train.order = BalancedOrder(data.train.labels, data.num_classes, cfg.seed)
 
 
 def build_stream_loaders(cfg: TrainConfig, data: DataBundle, device: torch.device, rank: int = 0,
@@ -48,6 +56,7 @@ def build_stream_loaders(cfg: TrainConfig, data: DataBundle, device: torch.devic
     train = StreamLoader(data.train, cfg.batch_size, device=device, mean=data.mean, std=data.std, shuffle=True,
                          seed=cfg.seed, rank=rank, world_size=world_size, workers=workers,
                          drop_last=cfg.drop_last, channels_last=cfg.channels_last)
+    _balance(cfg, data, train)
     train = with_augmentation(cfg, data.num_classes, train, world_size)
     val = None
     if data.val is not None:

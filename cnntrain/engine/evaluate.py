@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from cnntrain.engine.precision import autocast
 
+ECE_BINS = 15  # as Guo et al. 2017 (On Calibration of Modern Neural Networks)
+
 
 @dataclass
 class EvalResult:
@@ -20,6 +22,11 @@ class EvalResult:
     class_correct: list[int]
     class_total: list[int]
     confusion: list[list[int]] | None = None
+    # Reliability bins (ECE_BINS equal-width bins of the top-1 probability): images, summed
+    # top-1 probability and correct predictions per bin (engine/classification_metrics.py reads them).
+    bin_count: list[int] | None = None
+    bin_confidence: list[float] | None = None
+    bin_correct: list[int] | None = None
 
     @property
     def top1_err(self) -> float:
@@ -69,31 +76,37 @@ def tta_logits(model: nn.Module, images: torch.Tensor, flip: bool = False, trans
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, *,
              precision: str = "fp32", device: torch.device | None = None,
              all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             confusion: bool = False, tta_flip: bool = False, tta_translate: int = 0) -> EvalResult:
+             confusion: bool = False, tta_flip: bool = False, tta_translate: int = 0,
+             temperature: float = 1.0) -> EvalResult:
     """Score ``model`` on ``batches``; ``all_reduce`` sums the counters over ranks when given.
-    ``tta_flip`` / ``tta_translate``: test-time augmentation (see :func:`tta_logits`)."""
+    ``tta_flip`` / ``tta_translate``: test-time augmentation (see :func:`tta_logits`);
+    ``temperature``: logits divided by it first (a calibrated model's, see engine/calibration.py)."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct5 = torch.zeros((), dtype=torch.int64, device=device)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)  # images, confidence, correct
     k = min(5, num_classes)
     try:
         for images, labels in batches:
             with autocast(precision, device.type):
                 logits = tta_logits(model, images, tta_flip, tta_translate)
+            if temperature != 1.0:
+                logits = logits / temperature
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
             top = logits.topk(k, dim=1).indices
             correct5 += (top == labels[:, None]).any(dim=1).sum()
             conf.view(-1).index_add_(0, labels * num_classes + top[:, 0], torch.ones_like(labels))
+            _add_to_bins(bins, logits, top[:, 0] == labels)
     finally:
         model.train(was_training)
     if all_reduce is not None:
-        packed = torch.cat([loss_sum.view(1), correct5.double().view(1), conf.double().view(-1)])
+        packed = torch.cat([loss_sum.view(1), correct5.double().view(1), bins.view(-1), conf.double().view(-1)])
         packed = all_reduce(packed)
-        loss_sum, correct5 = packed[0], packed[1].long()
-        conf = packed[2:].round().long().view(num_classes, num_classes)
+        loss_sum, correct5, bins = packed[0], packed[1].long(), packed[2:2 + bins.numel()].view(3, ECE_BINS)
+        conf = packed[2 + bins.numel():].round().long().view(num_classes, num_classes)
     total = int(conf.sum())
     class_total = conf.sum(dim=1).tolist()
     class_correct = conf.diagonal().tolist()
@@ -105,4 +118,16 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         class_correct=class_correct,
         class_total=class_total,
         confusion=conf.tolist() if confusion else None,
+        bin_count=bins[0].round().long().tolist(),
+        bin_confidence=bins[1].tolist(),
+        bin_correct=bins[2].round().long().tolist(),
     )
+
+
+def _add_to_bins(bins: torch.Tensor, logits: torch.Tensor, correct: torch.Tensor) -> None:
+    """Count each image in the bin of its top-1 probability (see ``EvalResult.bin_count``)."""
+    confidence = logits.float().softmax(dim=1).amax(dim=1).double()
+    which = (confidence * ECE_BINS).long().clamp_(0, ECE_BINS - 1)
+    bins[0].index_add_(0, which, torch.ones_like(confidence))
+    bins[1].index_add_(0, which, confidence)
+    bins[2].index_add_(0, which, correct.double())

@@ -73,6 +73,7 @@ class TrainLoop:
         self.run_id, self.lock = run_id, lock  # this run's id in checkpoint manifests; the run folder's lock
         self.steps_per_epoch, self.total_steps = cadence.steps_per_epoch, cadence.total_steps
         self.is_main = strategy.is_main
+        self.lr_factor = 1.0  # times the schedule's LR (--lr-schedule plateau's callback lowers it)
         self.lr = self.lr_at(state.step)
         self.last_eval: EvalResult | None = None
         self.images_seen = self.bad_run = 0
@@ -182,7 +183,7 @@ class TrainLoop:
         cfg = self.cfg
         result = evaluate(self.eval_model, self.val_loader.iterate(0), self.data.num_classes,
                           precision=cfg.precision, device=self.strategy.device, tta_flip=cfg.tta_flip,
-                          tta_translate=cfg.tta_translate,
+                          tta_translate=cfg.tta_translate, confusion=True,
                           all_reduce=self.strategy.all_reduce_sum if self.strategy.world_size > 1 else None)
         self.last_eval = result
         is_best = result.top1 > self.state.best_top1
@@ -208,7 +209,7 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ facts
     def lr_at(self, step: int) -> float:
-        return lr_at(step, self.cfg, self.base_lr, self.steps_per_epoch, self.total_steps)
+        return lr_at(step, self.cfg, self.base_lr, self.steps_per_epoch, self.total_steps) * self.lr_factor
 
     def elapsed(self) -> float:
         return self.state.elapsed_before + time.perf_counter() - self.started

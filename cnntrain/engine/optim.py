@@ -98,7 +98,7 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float, steps_per_epoch: int, tot
     t = min(max((step - warmup) / max(total_steps - warmup, 1), 0.0), 1.0)
     final = base_lr * cfg.lr_final
     kind = cfg.lr_schedule
-    if kind == "constant":
+    if kind in ("constant", "plateau"):  # plateau: the loop multiplies by its factor (engine/early_stop.py)
         return base_lr
     if kind == "step":
         return base_lr * cfg.lr_gamma ** math.floor(epoch / cfg.lr_step_epochs)

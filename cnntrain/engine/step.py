@@ -46,10 +46,12 @@ class Strategy(Protocol):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
-def make_loss_fn(label_smoothing: float = 0.0) -> Callable:
+def make_loss_fn(label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> Callable:
     """Cross-entropy on the model output; auxiliary heads (GoogLeNet, Inception v3) weighted as in
-    their papers' training code: GoogLeNet 2 x 0.3, Inception v3 0.4."""
-    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    their papers' training code: GoogLeNet 2 x 0.3, Inception v3 0.4. ``class_weights`` (one per
+    class, on the logits' device): each image's loss times its class's weight, the batch's mean
+    divided by the sum of its weights (torch's weighted cross-entropy)."""
+    ce = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
 
     def loss(output, labels):
         if isinstance(output, torch.Tensor):

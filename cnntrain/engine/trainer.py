@@ -22,10 +22,12 @@ import torch
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig, config_from_dict, save_config
+from cnntrain.data.balance import imbalance_note, loss_weights
 from cnntrain.data.datasets import DataBundle, load_data
 from cnntrain.data.loaders import build_loaders
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.callbacks import Callback, CallbackList, default_callbacks, load_callbacks
+from cnntrain.engine.eval_report import config_callbacks
 from cnntrain.engine.lookahead import Lookahead
 from cnntrain.engine.loop import Cadence, TrainLoop
 from cnntrain.engine.metrics import TrainWindow
@@ -50,7 +52,8 @@ def train(cfg: TrainConfig, strategy: Strategy, callbacks: Iterable[Callback] = 
     strategy.setup()
     try:
         with strategy.guard():  # a failed collective becomes a DistributedError naming rank and op
-            loop = build_loop(cfg, strategy, [*default_callbacks(), *load_callbacks(cfg.callbacks), *callbacks])
+            extensions = [*default_callbacks(), *config_callbacks(cfg), *load_callbacks(cfg.callbacks), *callbacks]
+            loop = build_loop(cfg, strategy, extensions)
             try:
                 loop.run()
                 return finish(loop)
@@ -160,7 +163,8 @@ def _build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback],
     strategy.load_state_dict(state.extra.get("strategy", {}))
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    parts = StepParts(wrapped, [p for p in model.parameters() if p.requires_grad], make_loss_fn(cfg.label_smoothing),
+    loss_fn = make_loss_fn(cfg.label_smoothing, loss_weights(cfg.class_weights, data.train, device))
+    parts = StepParts(wrapped, [p for p in model.parameters() if p.requires_grad], loss_fn,
                       state.scaler, strategy, LocalUpdate(state.optimizer, model, state.ema, cfg.larc_mode,
                                                           cfg.larc_eta, cfg.larc_eps),
                       cfg.precision, accum, cfg.grad_clip,
@@ -213,6 +217,10 @@ def _log_start(loop: TrainLoop, model: nn.Module) -> None:
                  data.num_classes, cfg.batch_size, world, f" x {accum} accumulated" if accum > 1 else "",
                  loop.run_facts["global_batch"], loop.base_lr, loop.steps_per_epoch, loop.total_steps,
                  loop.strategy.device, cfg.precision, "resumed" if loop.resumed else "new run")
+        note = imbalance_note(data.train.labels, data.classes)
+        if note:
+            log.info("%s%s", note, "" if cfg.class_weights or cfg.balanced_sampler else
+                     " (--class-weights auto or --balanced-sampler may help)")
 
 
 def finish(loop: TrainLoop) -> Result:

@@ -21,6 +21,7 @@ import time
 import torch
 
 from cnntrain.config import TrainConfig
+from cnntrain.data.balance import loss_weights
 from cnntrain.data.loaders import build_loaders
 from cnntrain.data.pipeline import BatchPlan
 from cnntrain.engine.precision import LossScaler
@@ -114,7 +115,9 @@ def _train(cfg: TrainConfig, cluster: Cluster, strategy: PsWorker, index: int, m
     log.info("%s: shard of %d images (%d updates of %d x %d per pass), %s", me, len(shard), updates_per_pass,
              cfg.batch_size, cfg.accum_steps, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    parts = StepParts(torch.compile(model) if cfg.compile else model, params, make_loss_fn(cfg.label_smoothing),
+    # --class-weights from the whole training set's counts, not this worker's shard
+    loss_fn = make_loss_fn(cfg.label_smoothing, loss_weights(cfg.class_weights, data.train, device))
+    parts = StepParts(torch.compile(model) if cfg.compile else model, params, loss_fn,
                       scaler, strategy, None, cfg.precision, cfg.accum_steps, cfg.grad_clip)
     try:
         started, computed = time.perf_counter(), _run(parts, loader, updates_per_pass, strategy, chief, me)
