@@ -2,7 +2,7 @@
 decode, crop, flip, policy, normalise, erase / mix) on an in-memory set and a streamed one, side by
 side with no policy, as a table with ratios.
 
-    mkdir -p /tmp/aug && tar -xzf /work/shared/data/cifar10-jpeg-train.tar.gz -C /tmp/aug/cifar10 \\
+    mkdir -p /tmp/aug/cifar10 && tar -xzf /work/shared/data/cifar10-jpeg-train.tar.gz -C /tmp/aug/cifar10 \\
         && tar -xf /work/shared/data/hymenoptera.tar -C /tmp/aug
     python benchmarks/augment_policies.py --memory-dir /tmp/aug/cifar10 \\
         --stream-dir /tmp/aug/hymenoptera_data --threads 1 --workers 1
