@@ -13,6 +13,7 @@ from cnntrain.data.base import ArrayDataset
 from cnntrain.data.pipeline import DeviceLoader
 from cnntrain.engine.step import make_loss_fn
 from cnntrain.errors import ConfigError
+from tests.fixtures import write_image_folder
 from tests.helpers import tiny
 
 CLASSES = ["cat", "dog", "owl"]
@@ -89,6 +90,15 @@ def test_the_start_shows_class_counts_when_they_differ_more_than_2x(tmp_path, ca
     assert imbalance_note(torch.tensor([0] * 10 + [1] * 5 + [2] * 6), CLASSES) == ""
     note = imbalance_note(torch.tensor([0] * 10 + [1] * 4 + [2] * 6), CLASSES)
     assert note == "class counts differ 2.5x: cat 10, owl 6, dog 4"
+    write_image_folder(tmp_path / "data", classes=("ant",), per_class=9)
+    write_image_folder(tmp_path / "data", classes=("bee",), per_class=3)
+    write_image_folder(tmp_path / "data", classes=("ant", "bee"), per_class=2, split="val")
+    options = tiny(tmp_path / "run", dataset="folder", data_dir=str(tmp_path / "data"), model="resnet20",
+                   max_steps=1, batch_size=4)
     with caplog.at_level(logging.INFO, logger="cnntrain"):
-        cnntrain.train(tiny(tmp_path / "run", max_steps=1, class_weights="auto"))
-    assert "class weights (auto): class0" in caplog.text
+        cnntrain.train(options)
+    assert "class counts differ 3.0x: ant 9, bee 3 (--class-weights auto or --balanced-sampler may help)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cnntrain"):
+        cnntrain.train({**options, "class_weights": "auto", "overwrite": True})
+    assert "class weights (auto): ant 0.667, bee 2" in caplog.text and "may help" not in caplog.text
