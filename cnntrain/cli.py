@@ -24,6 +24,7 @@ log = logging.getLogger("cnntrain")
 
 SHORT = {"model": ["-n"], "batch_size": ["-b"], "epochs": ["-e"], "lr": ["-l"], "device": ["-c"],
          "run_dir": ["-o", "--monitor-path"], "max_steps": ["-i"], "ps_count": ["--ps"]}
+BARE = {"mlflow": "local", "wandb": "cnntrain"}  # the value of the flag given alone (--mlflow)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +56,8 @@ def _add_option_flag(group: argparse._ArgumentGroup, f: dataclasses.Field, hint)
         choices = CHOICES.get(f.name)
         if f.name == "device":
             choices = (*choices, *DEVICE_ALIASES)
-        group.add_argument(*names, dest=f.name, type=hint, choices=choices, default=None, help=text)
+        bare = {"nargs": "?", "const": BARE[f.name]} if f.name in BARE else {}
+        group.add_argument(*names, dest=f.name, type=hint, choices=choices, default=None, help=text, **bare)
 
 
 def _show(default) -> str:
