@@ -108,8 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the packaged recipes")
 
     p = sub.add_parser("report", help="compare runs: a table and a PNG of their validation curves")
-    p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--output", default="report.png", help="where to write the PNG")
+    p.add_argument("runs", nargs="+", help="run folders, or one sweep folder")
+    p.add_argument("--output", default=None, help="where to write the PNG (default: report.png; for a sweep "
+                   "SWEEP_DIR/report.png)")
+
+    p = sub.add_parser("sweep", help="hyperparameter search on Optuna, each trial a run folder",
+                       description="Search hyperparameters as SPEC.yaml says (see cnntrain/sweep/spec.py); run "
+                                   "again to finish a killed sweep.")
+    p.add_argument("spec", help="sweep spec YAML: recipe, options, space, sampler, trials, metric, pruner")
+    p.add_argument("--trials", type=int, help="trials in the study (default: the spec's)")
+    p.add_argument("--parallel", type=int, default=1, help="trial processes at a time on this machine")
+    p.add_argument("--sampler", choices=("tpe", "random", "grid"), help="default: the spec's (tpe)")
+    p.add_argument("--storage", help="Optuna database URL (default: sqlite:///SWEEP_DIR/study.db)")
+    p.add_argument("--sweep-dir", help="default: runs/sweep-<spec name>")
+    p.add_argument("--threads", type=int, help="intra-op threads of each trial (sets the training option)")
+    p.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
 
     p = sub.add_parser("data", help="download or verify official data set files")
     p.add_argument("action", choices=("download", "verify", "prepare"))
@@ -289,9 +302,31 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cnntrain.report import report
+    from cnntrain.sweep.report import is_sweep, sweep_report
 
-    print(report(args.runs, args.output))
-    print(f"curves: {args.output}")
+    if len(args.runs) == 1 and is_sweep(args.runs[0]):
+        print(sweep_report(args.runs[0], args.output))
+        return 0
+    output = args.output or "report.png"
+    print(report(args.runs, output))
+    print(f"curves: {output}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cnntrain.sweep.driver import run_sweep
+    from cnntrain.sweep.report import sweep_report
+
+    if args.parallel < 1:
+        raise ConfigError("--parallel must be at least 1")
+    extra = {"options": None}
+    if args.threads:
+        from cnntrain.sweep.spec import load_spec
+
+        extra["options"] = {**load_spec(args.spec).options, "threads": args.threads}
+    folder = run_sweep(args.spec, sweep_dir=args.sweep_dir, parallel=args.parallel, timeout=args.timeout,
+                       trials=args.trials, sampler=args.sampler, storage=args.storage, **extra)
+    print(sweep_report(folder))
     return 0
 
 
@@ -331,7 +366,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"report": cmd_report, "train": cmd_train, "eval": cmd_eval, "models": cmd_models, "recipes": cmd_recipes,
-            "data": cmd_data, "predict": cmd_predict, "export": cmd_export, "bench": cmd_bench}
+            "data": cmd_data, "sweep": cmd_sweep, "predict": cmd_predict, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
