@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna database URL (default: sqlite:///SWEEP_DIR/study.db)")
     p.add_argument("--sweep-dir", help="default: runs/sweep-<spec name>")
     p.add_argument("--threads", type=int, help="intra-op threads of each trial (sets the training option)")
+    p.add_argument("--data-dir", help="the data set's folder for every trial (sets the training option)")
     p.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
 
     p = sub.add_parser("data", help="download or verify official data set files")
@@ -320,10 +321,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         raise ConfigError("--parallel must be at least 1")
     extra = {"options": None}
-    if args.threads:
+    local = {k: v for k, v in (("threads", args.threads), ("data_dir", args.data_dir)) if v}
+    if local:  # options that may differ between machines or runs of one sweep
         from cnntrain.sweep.spec import load_spec
 
-        extra["options"] = {**load_spec(args.spec).options, "threads": args.threads}
+        extra["options"] = {**load_spec(args.spec).options, **local}
     folder = run_sweep(args.spec, sweep_dir=args.sweep_dir, parallel=args.parallel, timeout=args.timeout,
                        trials=args.trials, sampler=args.sampler, storage=args.storage, **extra)
     print(sweep_report(folder))

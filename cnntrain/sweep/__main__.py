@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from cnntrain.errors import CnnTrainError
-from cnntrain.sweep.driver import worker
+from cnntrain.sweep.worker import worker
 
 if __name__ == "__main__":
     try:

@@ -65,11 +65,12 @@ class SweepSpec:
         if not self.space:
             raise ConfigError(f"{where}: the search space (space:) is empty")
         known = set(config_field_names())
-        for name, dist in {**self.space, **self.options}.items():
+        for name in {**self.space, **self.options}:
             if name not in known:
                 raise ConfigError(f"{where}: {name!r} is not a training option (`cnntrain train --help` lists them)")
         for name, dist in self.space.items():
-            if not isinstance(dist, dict) or not ({"low", "high"} <= dist.keys() or {"values", "choices"} & dist.keys()):
+            ranged = isinstance(dist, dict) and {"low", "high"} <= dist.keys()
+            if not isinstance(dist, dict) or not (ranged or {"values", "choices"} & dist.keys()):
                 raise ConfigError(f"{where}: space.{name} needs low and high, or values (a list)")
             if self.sampler == "grid" and not ({"values", "choices"} & dist.keys()):
                 raise ConfigError(f"{where}: sampler grid needs a list of values for space.{name}")
