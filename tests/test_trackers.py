@@ -8,6 +8,7 @@ that of an uninterrupted run: no step sent twice, none missing.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -177,7 +178,7 @@ def _wandb_run(run_dir: Path) -> tuple[set[str], dict[str, list[tuple[int, float
 
 @pytest.mark.timeout(300)
 def test_wandb_offline_run_killed_and_resumed_continues_the_same_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
            "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}
     for k, v in env.items():
@@ -186,6 +187,7 @@ def test_wandb_offline_run_killed_and_resumed_continues_the_same_run(tmp_path, m
     cnntrain.train({**options, "run_dir": str(tmp_path / "full")})
     _kill_at(options, "saved:8", env)
     cnntrain.train({**options, "resume": "auto"})
+    wandb.teardown()  # ends this process's wandb-core service, which writes the offline files out
 
     full_ids, full_history, _ = _wandb_run(tmp_path / "full")
     ids, history, config = _wandb_run(tmp_path / "killed")
@@ -231,3 +233,32 @@ def test_default_mlflow_store_sits_beside_the_runs(tmp_path, monkeypatch):
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlruns' / 'mlflow.db'}")
     assert client.get_run(marker["run_id"]).data.metrics["train/loss"] > 0
     shutil.rmtree(tmp_path / "runs")
+
+
+@pytest.mark.timeout(300)
+def test_async_ps_chief_alone_tracks_and_a_resumed_job_continues_its_run(tmp_path, monkeypatch):
+    """Under async-ps the chief owns the tracker run: a job resumed with --resume auto continues it, and
+    its history is metrics.csv's rows, each step once."""
+    from tests.test_async_ps import _cluster_options, _run_in_threads
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "async")
+    uri = (tmp_path / "mlruns").as_uri()
+    run_dir = tmp_path / "run"
+    _run_in_threads(_cluster_options(run_dir, 1, epochs=1, progress="none", mlflow=uri), workers=1)
+    resumed = _run_in_threads(_cluster_options(run_dir, 1, epochs=2, resume="auto", progress="none", mlflow=uri),
+                              workers=1)
+    assert resumed.steps == 16
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    run = _mlflow_run(client, run_dir)
+    history = _history(client, run.info.run_id)
+    with open(run_dir / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f)]
+    for split, column in (("train", "loss"), ("test", "top1_err"), ("test", "loss")):
+        expected = [(int(r["step"]), float(r[column])) for r in rows if r["split"] == split]
+        got = history[f"{split}/{column}"]
+        assert [s for s, _ in got] == [s for s, _ in expected]
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-4)  # metrics.csv rounds
+    assert [s for s, _ in history["test/top1_err"]] == [8, 16]
+    assert {"config.yaml", "summary.json", "model.safetensors"} <= {a.path for a in client.list_artifacts(
+        run.info.run_id)}

@@ -224,9 +224,9 @@ class TrackedRun:
         if saved and saved.get("step", self.sent_through) < self.sent_through:
             log.warning("%s: resuming at step %d, before the last step sent (%d): steps up to %d keep the values "
                         "first sent", tracker.name, saved["step"], self.sent_through, self.sent_through)
-        self.pending = [r for r in rows if int(r["step"]) > self.sent_through]
+        self.pending = list(rows)
         if self.pending:
-            self.flush(check=True)
+            self.flush(resumed=True)
 
     def add(self, row: dict[str, Any]) -> None:
         self.pending.append(dict(row))
@@ -235,11 +235,13 @@ class TrackedRun:
         """What a checkpoint at ``step`` keeps: the run id and the rows not sent yet."""
         return {"run_id": self.run_id, "pending": list(self.pending), "step": step}
 
-    def flush(self, check: bool = False) -> None:
-        """Send the held rows (once a checkpoint holds them); ``check``: skip what the tracker has already."""
-        rows = [r for r in self.pending if int(r["step"]) > self.sent_through]
-        if check and rows:
-            have = self.tracker.already_sent(rows)
+    def flush(self, resumed: bool = False) -> None:
+        """Send the held rows (once a checkpoint holds them). ``resumed``: rows a resumed checkpoint
+        kept, sent only where the tracker lacks them (a kill may have come after they were sent)."""
+        rows = self.pending
+        if resumed:
+            rows = [r for r in rows if int(r["step"]) > self.sent_through]
+            have = self.tracker.already_sent(rows) if rows else set()
             rows = [r for r in rows if not all((k, int(r["step"])) in have for k in metrics_of(r))]
         if rows:
             self.tracker.send(rows)
