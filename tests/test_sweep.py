@@ -134,3 +134,24 @@ def test_a_sweep_folder_refuses_a_different_spec(tmp_path):
     spec_path.write_text(yaml.safe_dump(SPEC))
     with pytest.raises(ConfigError, match="different space"):
         run_sweep(spec_path, sweep_dir=folder)
+
+
+def test_missing_optuna_is_one_clear_error(monkeypatch):
+    from cnntrain.sweep.driver import optuna_module
+
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[optuna\]"'):
+        optuna_module()
+
+
+@pytest.mark.parametrize("sampler, pruner", [("random", "hyperband"), ("tpe", "none"), ("grid", "median")])
+def test_samplers_and_pruners_come_from_the_spec(tmp_path, sampler, pruner):
+    from cnntrain.sweep.driver import open_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, "sampler": sampler, "pruner": pruner, "storage": ""}))
+    study = open_study(load_spec(path), tmp_path)
+    assert type(study.sampler).__name__.lower().startswith(sampler)
+    assert type(study.pruner).__name__ == {"hyperband": "HyperbandPruner", "none": "NopPruner",
+                                           "median": "MedianPruner"}[pruner]
+    assert (tmp_path / "study.db").is_file() and study.study_name == "s"
