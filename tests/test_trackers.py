@@ -262,3 +262,32 @@ def test_async_ps_chief_alone_tracks_and_a_resumed_job_continues_its_run(tmp_pat
     assert [s for s, _ in history["test/top1_err"]] == [8, 16]
     assert {"config.yaml", "summary.json", "model.safetensors"} <= {a.path for a in client.list_artifacts(
         run.info.run_id)}
+
+
+class _Recorder(trackers.Tracker):
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str]] = []
+
+    def open(self, run_dir, cfg, run_id):
+        return run_id or "run-1"
+
+    def send(self, rows):
+        self.sent += [(int(r["step"]), r["split"]) for r in rows]
+
+
+def test_a_resume_from_an_older_checkpoint_sends_no_step_twice(tmp_path):
+    cfg = cnntrain.build_config(**tiny(tmp_path))
+    first = trackers.TrackedRun(_Recorder(), tmp_path, cfg, None)
+    for step in (4, 8):
+        first.add({"step": step, "split": "train", "loss": 1.0})
+    old = first.state(4)  # a checkpoint at step 4 holding both rows, then one at 8 that sent them
+    first.flush()
+    tracker = _Recorder()
+    again = trackers.TrackedRun(tracker, tmp_path, cfg, {**old, "pending": old["pending"][:1]})
+    assert again.run_id == "run-1" and tracker.sent == []  # step 4 was sent already
+    for step in (8, 12):  # trained again from step 4: step 8 stays as first sent
+        again.add({"step": step, "split": "train", "loss": 2.0})
+    again.flush()
+    assert tracker.sent == [(12, "train")]

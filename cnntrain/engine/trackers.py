@@ -221,7 +221,9 @@ class TrackedRun:
             log.info("%s: continuing run %s", tracker.name, self.run_id)
         self._mark()
         rows = (saved or {}).get("pending", [])
+        self.skip_through = -1  # resumed from an older checkpoint than the last one sent: do not send twice
         if saved and saved.get("step", self.sent_through) < self.sent_through:
+            self.skip_through = self.sent_through
             log.warning("%s: resuming at step %d, before the last step sent (%d): steps up to %d keep the values "
                         "first sent", tracker.name, saved["step"], self.sent_through, self.sent_through)
         self.pending = list(rows)
@@ -238,7 +240,7 @@ class TrackedRun:
     def flush(self, resumed: bool = False) -> None:
         """Send the held rows (once a checkpoint holds them). ``resumed``: rows a resumed checkpoint
         kept, sent only where the tracker lacks them (a kill may have come after they were sent)."""
-        rows = self.pending
+        rows = [r for r in self.pending if int(r["step"]) > self.skip_through]
         if resumed:
             rows = [r for r in rows if int(r["step"]) > self.sent_through]
             have = self.tracker.already_sent(rows) if rows else set()
