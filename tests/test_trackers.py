@@ -291,3 +291,34 @@ def test_a_resume_from_an_older_checkpoint_sends_no_step_twice(tmp_path):
         again.add({"step": step, "split": "train", "loss": 2.0})
     again.flush()
     assert tracker.sent == [(12, "train")]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_an_elastic_restart_continues_the_same_mlflow_run_from_rank_0(tmp_path, monkeypatch):
+    """Two ranks under --max-restarts 1; rank 1 is SIGKILLed after the checkpoint at step 12: the
+    restarted job resumes from it and rank 0 continues the same MLflow run, each step once."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    run_dir = tmp_path / "run"
+    options = tiny(run_dir, batch_size=16, epochs=3, lr=0.05, save_every=4, display_every=2, mlflow=uri)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update({"MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_EXPERIMENT_NAME": "elastic", "CNNTRAIN_FAULT": "step:14",
+                "CNNTRAIN_FAULT_RANK": "1", "CNNTRAIN_FAULT_MARKER": str(tmp_path / "killed"),
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), str(REPO), os.environ.get("PYTHONPATH")]))})
+    out = subprocess.run([sys.executable, "-m", "cnntrain", "train", "--nproc-per-node", "2", "--max-restarts", "1",
+                          *cli_args(options), "--callbacks", "injection:FaultInjection"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "killed").exists() and "resumed from" in out.stderr
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    history = _history(client, _mlflow_run(client, run_dir).info.run_id)
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for split, column in (("train", "loss"), ("test", "top1_err")):
+        expected = [(int(r["step"]), float(r[column])) for r in rows if r["split"] == split]
+        got = history[f"{split}/{column}"]
+        assert [s for s, _ in got] == [s for s, _ in expected] and len({s for s, _ in got}) == len(got)
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-4)
