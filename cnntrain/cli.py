@@ -24,6 +24,7 @@ log = logging.getLogger("cnntrain")
 
 SHORT = {"model": ["-n"], "batch_size": ["-b"], "epochs": ["-e"], "lr": ["-l"], "device": ["-c"],
          "run_dir": ["-o", "--monitor-path"], "max_steps": ["-i"], "ps_count": ["--ps"]}
+BARE = {"mlflow": "local", "wandb": "cnntrain"}  # the value of the flag given alone (--mlflow)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +56,8 @@ def _add_option_flag(group: argparse._ArgumentGroup, f: dataclasses.Field, hint)
         choices = CHOICES.get(f.name)
         if f.name == "device":
             choices = (*choices, *DEVICE_ALIASES)
-        group.add_argument(*names, dest=f.name, type=hint, choices=choices, default=None, help=text)
+        bare = {"nargs": "?", "const": BARE[f.name]} if f.name in BARE else {}
+        group.add_argument(*names, dest=f.name, type=hint, choices=choices, default=None, help=text, **bare)
 
 
 def _show(default) -> str:
@@ -108,8 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the packaged recipes")
 
     p = sub.add_parser("report", help="compare runs: a table and a PNG of their validation curves")
-    p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--output", default="report.png", help="where to write the PNG")
+    p.add_argument("runs", nargs="+", help="run folders, or one sweep folder")
+    p.add_argument("--output", default=None, help="where to write the PNG (default: report.png; for a sweep "
+                   "SWEEP_DIR/report.png)")
+
+    p = sub.add_parser("sweep", help="hyperparameter search on Optuna, each trial a run folder",
+                       description="Search hyperparameters as SPEC.yaml says (see cnntrain/sweep/spec.py); run "
+                                   "again to finish a killed sweep.")
+    p.add_argument("spec", help="sweep spec YAML: recipe, options, space, sampler, trials, metric, pruner")
+    p.add_argument("--trials", type=int, help="trials in the study (default: the spec's)")
+    p.add_argument("--parallel", type=int, default=1, help="trial processes at a time on this machine")
+    p.add_argument("--sampler", choices=("tpe", "random", "grid"), help="default: the spec's (tpe)")
+    p.add_argument("--storage", help="Optuna database URL (default: sqlite:///SWEEP_DIR/study.db)")
+    p.add_argument("--sweep-dir", help="default: runs/sweep-<spec name>")
+    p.add_argument("--threads", type=int, help="intra-op threads of each trial (sets the training option)")
+    p.add_argument("--data-dir", help="the data set's folder for every trial (sets the training option)")
+    p.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
 
     p = sub.add_parser("data", help="download or verify official data set files")
     p.add_argument("action", choices=("download", "verify", "prepare"))
@@ -309,9 +325,32 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cnntrain.report import report
+    from cnntrain.sweep.report import is_sweep, sweep_report
 
-    print(report(args.runs, args.output))
-    print(f"curves: {args.output}")
+    if len(args.runs) == 1 and is_sweep(args.runs[0]):
+        print(sweep_report(args.runs[0], args.output))
+        return 0
+    output = args.output or "report.png"
+    print(report(args.runs, output))
+    print(f"curves: {output}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cnntrain.sweep.driver import run_sweep
+    from cnntrain.sweep.report import sweep_report
+
+    if args.parallel < 1:
+        raise ConfigError("--parallel must be at least 1")
+    extra = {"options": None}
+    local = {k: v for k, v in (("threads", args.threads), ("data_dir", args.data_dir)) if v}
+    if local:  # options that may differ between machines or runs of one sweep
+        from cnntrain.sweep.spec import load_spec
+
+        extra["options"] = {**load_spec(args.spec).options, **local}
+    folder = run_sweep(args.spec, sweep_dir=args.sweep_dir, parallel=args.parallel, timeout=args.timeout,
+                       trials=args.trials, sampler=args.sampler, storage=args.storage, **extra)
+    print(sweep_report(folder))
     return 0
 
 
@@ -352,7 +391,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"report": cmd_report, "train": cmd_train, "eval": cmd_eval, "models": cmd_models, "recipes": cmd_recipes,
-            "data": cmd_data, "predict": cmd_predict, "export": cmd_export, "bench": cmd_bench}
+            "data": cmd_data, "sweep": cmd_sweep, "predict": cmd_predict, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,6 +248,9 @@ class RunConfig(Section):
     tensorboard: bool = option(False, "also write TensorBoard event files to <run-dir>/tb")
     callbacks: tuple[str, ...] = option((), "extra callbacks, each module.path:Name of a cnntrain Callback class (or "
                                             "of a callable returning one)")
+    mlflow: str = option("", "log to MLflow: a tracking URI, or local for a store in <runs>/mlruns (--mlflow alone)")
+    wandb: str = option("", "log to Weights & Biases, in this project (--wandb alone: cnntrain); "
+                            "WANDB_MODE=offline works")
     profile: str = option("none", "none | phases (data/forward/backward/communication/optimizer) | ops "
                                   "(torch.profiler)", choices=("none", "phases", "ops"))
 

@@ -19,6 +19,7 @@ Moments, in the order a run meets them (``loop`` is the running ``engine.loop.Tr
 - ``on_load_checkpoint(loop, payload)``: when resuming, after the state is restored.
 - ``on_step_end(loop, outcome)``: after a step and whatever log / eval / save fell due at it.
 - ``on_train_end(loop, summary)``: the run's summary, before summary.json is written.
+- ``on_run_end(loop, summary)``: after rank 0 has written summary.json and model.safetensors.
 
 Every rank calls the moments; ``loop.is_main`` tells rank 0. ``loop.request_stop(reason)`` ends the run
 after the current step (early stopping, a pruned trial): call it on every rank alike. metrics.csv, TensorBoard, the
@@ -51,6 +52,7 @@ class Callback:
     def on_load_checkpoint(self, loop, payload: dict[str, Any]) -> None: ...
     def on_step_end(self, loop, outcome) -> None: ...
     def on_train_end(self, loop, summary: dict[str, Any]) -> None: ...
+    def on_run_end(self, loop, summary: dict[str, Any]) -> None: ...
 
 
 MOMENTS = [name for name in vars(Callback) if name.startswith("on_")]

@@ -38,6 +38,7 @@ from cnntrain.engine.progress import setup_logging
 from cnntrain.engine.run import Result, RunLock, claim_run_dir, finish_run, resolve_run_dir, run_meta
 from cnntrain.engine.state import TrainState
 from cnntrain.engine.step import LocalUpdate, StepParts, Strategy, make_loss_fn
+from cnntrain.engine.trackers import tracker_callbacks
 from cnntrain.errors import ConfigError
 from cnntrain.hardware import peak_memory_mb
 from cnntrain.models import count_parameters, get_spec
@@ -52,7 +53,8 @@ def train(cfg: TrainConfig, strategy: Strategy, callbacks: Iterable[Callback] = 
     strategy.setup()
     try:
         with strategy.guard():  # a failed collective becomes a DistributedError naming rank and op
-            extensions = [*default_callbacks(), *config_callbacks(cfg), *load_callbacks(cfg.callbacks), *callbacks]
+            extensions = [*default_callbacks(), *config_callbacks(cfg), *load_callbacks(cfg.callbacks), *callbacks,
+                          *tracker_callbacks(cfg)]
             loop = build_loop(cfg, strategy, extensions)
             try:
                 loop.run()
@@ -243,6 +245,8 @@ def finish(loop: TrainLoop) -> Result:
     loop.callbacks.on_train_end(loop, summary)
     if loop.is_main:
         finish_run(loop.run_dir, state.ema if state.ema is not None else state.model, loop.meta, summary)
+    loop.callbacks.on_run_end(loop, summary)
+    if loop.is_main:
         if "comm_bytes_per_step" in summary:
             log.info("exchange per step and rank: %.1f kB sent vs %.1f kB dense fp32 (%.1fx less)",
                      summary["comm_bytes_per_step"] / 1e3, summary["dense_bytes_per_step"] / 1e3,
@@ -275,7 +279,7 @@ def _check_global_batch(payload: dict, path: Path, global_batch: int, cfg: Train
 _RESUME_NEUTRAL = {"resume", "run_dir", "epochs", "max_steps", "display_every", "progress", "save_every",
                    "save_interval", "eval_every", "keep_last", "data_dir", "threads", "download", "verify", "workers",
                    "pipeline", "tensorboard", "dist_timeout", "profile", "callbacks", "overwrite", "cache",
-                   "cache_dir"}
+                   "cache_dir", "mlflow", "wandb"}
 
 
 def _warn_config_changes(saved: TrainConfig, now: TrainConfig) -> None:

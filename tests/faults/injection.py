@@ -7,6 +7,8 @@ and the fault in the environment:
     CNNTRAIN_FAULT=step:N        SIGKILL this process at the start of its N-th training step
     CNNTRAIN_FAULT=write:N       SIGKILL it half-way through writing checkpoint step-N.pt
     CNNTRAIN_FAULT=manifest:N    SIGKILL it once step-N.pt is in place but before its manifest is
+    CNNTRAIN_FAULT=saved:N       SIGKILL it once step-N.pt and its manifest are in place, before the
+                                 callbacks after this one (a tracker sending its rows) see it
     CNNTRAIN_FAULT_RANK=r        only in the process with RANK r (default: any)
     CNNTRAIN_FAULT_MARKER=path   created just before the kill; no kill once it exists, so a
                                  restarted or resumed process runs on undisturbed
@@ -49,8 +51,8 @@ class FaultInjection(Callback):
     def __init__(self) -> None:
         fault = os.environ.get("CNNTRAIN_FAULT", "")
         kind, _, n = fault.partition(":")
-        if kind not in ("step", "write", "manifest") or not n.isdigit():
-            raise SystemExit(f"CNNTRAIN_FAULT={fault!r}: expected step:N, write:N or manifest:N")
+        if kind not in ("step", "write", "manifest", "saved") or not n.isdigit():
+            raise SystemExit(f"CNNTRAIN_FAULT={fault!r}: expected step:N, write:N, manifest:N or saved:N")
         self.kind, self.n = kind, int(n)
 
     def _at_step_start(self, steps_done: int) -> None:
@@ -75,6 +77,7 @@ class FaultInjection(Callback):
             _die()
 
     def on_checkpoint(self, loop, path) -> None:
-        if self.kind == "manifest" and path.name == f"step-{self.n:08d}.pt" and _armed():
-            path.with_suffix(".json").unlink()
+        if self.kind in ("manifest", "saved") and path.name == f"step-{self.n:08d}.pt" and _armed():
+            if self.kind == "manifest":
+                path.with_suffix(".json").unlink()
             _die()

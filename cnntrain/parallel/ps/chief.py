@@ -29,6 +29,7 @@ from cnntrain.engine.progress import Progress
 from cnntrain.engine.run import Result, claim_run_dir, finish_run, resolve_run_dir, run_meta
 from cnntrain.engine.state import TrainState
 from cnntrain.engine.step import StepOutcome
+from cnntrain.engine.trackers import TrackedRun, make_trackers
 from cnntrain.engine.trainer import init_from_data
 from cnntrain.hardware import peak_memory_mb
 from cnntrain.models import count_parameters
@@ -92,8 +93,10 @@ class Chief:
             state.restore(ckpt.load_checkpoint(resume_path), resume_path)
             log.info("resumed from %s at update %d (epoch %.2f)", resume_path, state.step,
                      state.step / self.steps_per_epoch)
+        saved = state.extra.get("callbacks") or {}  # the trackers' run ids and unsent rows
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # a refused resume touches nothing
         save_config(cfg, self.run_dir / "config.yaml")
+        self.tracked = [TrackedRun(t, self.run_dir, cfg, saved.get(t.name)) for t in make_trackers(cfg)]
         step = state.step
         self.metrics = MetricsLog(self.run_dir / "metrics.csv", resume_step=step if resume_path else None,
                                   tensorboard_dir=self.run_dir / "tb" if cfg.tensorboard else None)
@@ -160,9 +163,9 @@ class Chief:
         lr = lr_at(min(version, self.total_steps - 1), self.cfg, self.base_lr, self.steps_per_epoch, self.total_steps)
         grad_norm = float(window.grad_norm) / max(window.steps, 1)
         epoch = version / self.steps_per_epoch
-        self.metrics.write(step=version, epoch=epoch, split="train", loss=self.last_train[0],
-                           top1_err=self.last_train[1], top5_err="", lr=lr, img_per_s=img_s, elapsed_s=self.elapsed(),
-                           loss_scale=self.state.scaler.scale, grad_norm=grad_norm)
+        self._write(step=version, epoch=epoch, split="train", loss=self.last_train[0],
+                    top1_err=self.last_train[1], top5_err="", lr=lr, img_per_s=img_s, elapsed_s=self.elapsed(),
+                    loss_scale=self.state.scaler.scale, grad_norm=grad_norm)
         self.progress.report(version, epoch, self.last_train[0], self.last_train[1], lr, img_s, 0.0)
         self._log_stats(self.client.stats())
         window.reset()
@@ -186,6 +189,12 @@ class Chief:
                 if st.joins[i] > self.previous.joins[i] and self.previous.joins[i] > 0:
                     log.warning("%s rejoined at update %d", role_name(WORKER, i), st.version)
         self.previous = st
+
+    def _write(self, **row) -> None:
+        """A metrics.csv row, also held for the trackers (sent once a checkpoint holds it)."""
+        self.metrics.write(**row)
+        for tracked in self.tracked:
+            tracked.add(row)
 
     # ------------------------------------------------------------------ snapshots
     def _load_snapshot(self) -> tuple[int, dict]:
@@ -211,10 +220,14 @@ class Chief:
                                            epoch=version / self.steps_per_epoch,
                                            global_batch=self.cfg.batch_size * self.cfg.accum_steps,
                                            world_size=self.cluster.num_workers)
+        if self.tracked:
+            payload["callbacks"] = {t.tracker.name: t.state(version) for t in self.tracked}
         # With an evaluator connected, a checkpoint it has not scored yet is kept.
         scored = st.scored_step if st.evaluator else None
         ckpt.save_checkpoint(payload, self.run_dir / "checkpoints", version, keep_last=self.cfg.keep_last, best=best,
                              run_id=self.run_id, protect=lambda step: scored is not None and step > scored)
+        for tracked in self.tracked:
+            tracked.flush()
         self.saved_step = version
         if version not in self.saved_steps:
             self.saved_steps.append(version)
@@ -226,9 +239,8 @@ class Chief:
                           device=self.device, tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate)
         self.last_eval = result
         self.state.best_top1 = max(self.state.best_top1, result.top1)
-        self.metrics.write(step=version, epoch=version / self.steps_per_epoch, split=self.data.val_name,
-                           loss=result.loss, top1_err=result.top1_err, top5_err=result.top5_err,
-                           elapsed_s=self.elapsed())
+        self._write(step=version, epoch=version / self.steps_per_epoch, split=self.data.val_name,
+                    loss=result.loss, top1_err=result.top1_err, top5_err=result.top5_err, elapsed_s=self.elapsed())
         self.progress.write(f"update {version}: {self.data.val_name} top-1 {100 * result.top1:.2f}% "
                             f"loss {result.loss:.4f} ({result.count} images)")
         return result
@@ -265,6 +277,8 @@ class Chief:
             "loss_scale": scaler.scale, "peak_memory_mb": peak_memory_mb(self.device),
         }
         finish_run(self.run_dir, self.model, self.meta, summary)
+        for tracked in self.tracked:
+            tracked.close(summary)
         lost = [f"{name} ({w['lost']}x lost, {w['joins'] - 1}x rejoined)" for name, w in workers.items() if w["lost"]]
         log.info("staleness distribution (updates behind: share of %d updates): %s", sum(st.staleness),
                  staleness_shares(st.staleness))

@@ -60,7 +60,7 @@ _LOCAL_OPTIONS = {"role", "ps_index", "worker_index", "threads", "progress", "di
                   "run_dir", "resume", "workers", "download", "verify", "dist_timeout", "tensorboard", "evaluator",
                   "ps_hosts", "worker_hosts", "ps_count", "worker_count", "dist_start_port", "compile",
                   "pipeline", "deterministic", "save_every", "save_interval", "keep_last", "eval_every",
-                  "cache", "cache_dir", "overwrite", "callbacks"}
+                  "cache", "cache_dir", "overwrite", "callbacks", "mlflow", "wandb"}
 
 
 def config_fingerprint(cfg: TrainConfig) -> int:
