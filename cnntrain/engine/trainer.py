@@ -25,6 +25,7 @@ from cnntrain.config import TrainConfig, config_from_dict, save_config
 from cnntrain.data.datasets import DataBundle, load_data
 from cnntrain.data.loaders import build_loaders
 from cnntrain.engine import checkpoint as ckpt
+from cnntrain.engine import finetune
 from cnntrain.engine.callbacks import Callback, CallbackList, default_callbacks, load_callbacks
 from cnntrain.engine.lookahead import Lookahead
 from cnntrain.engine.loop import Cadence, TrainLoop
@@ -84,7 +85,10 @@ def load_model_and_data(cfg: TrainConfig, device: torch.device) -> tuple[DataBun
         torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    data = load_data(cfg, input_size=get_spec(cfg.model).input_size)
+    prep = finetune.run_preprocessing(cfg)  # pretrained weights: their normalisation and crop size
+    size = get_spec(cfg.model).input_size
+    data = load_data(cfg, input_size=(size[0], prep.crop_size, prep.crop_size) if prep else size)
+    data = finetune.with_preprocessing(data, prep)
     model = build_model(cfg, data).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -147,8 +151,10 @@ def _build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback],
     resume_path, payload = ckpt.resolve_resume(cfg.resume, run_dir), None
     # Pruning touches only this run's checkpoints; a resumed run carries on its predecessor's id.
     run_id = (ckpt.run_id_of(resume_path) if resume_path is not None else None) or ckpt.new_run_id()
+    table = None
     if resume_path is None:
         init_from_data(model, data, device)  # before the lookahead copies the weights
+        table = finetune.initial_weights(cfg, model)  # --pretrained / --init-from
     state = _new_state(cfg, model, device, total_steps)
     if resume_path is not None:
         payload = _restore(state, resume_path, cfg, global_batch, world, strategy.is_main)
@@ -156,6 +162,9 @@ def _build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback],
     if strategy.is_main:  # only once the resume is accepted: a refused resume touches nothing
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        finetune.save_table(table, run_dir)
+    tuner = finetune.FineTune.for_run(cfg, model, world)  # after the optimizer took every parameter
+    callbacks = [*callbacks, tuner] if tuner is not None else callbacks
     wrapped = strategy.wrap_model(model)
     strategy.load_state_dict(state.extra.get("strategy", {}))
     if cfg.compile:
@@ -213,6 +222,9 @@ def _log_start(loop: TrainLoop, model: nn.Module) -> None:
                  data.num_classes, cfg.batch_size, world, f" x {accum} accumulated" if accum > 1 else "",
                  loop.run_facts["global_batch"], loop.base_lr, loop.steps_per_epoch, loop.total_steps,
                  loop.strategy.device, cfg.precision, "resumed" if loop.resumed else "new run")
+        note = finetune.describe(cfg, finetune.run_preprocessing(cfg))
+        if note:
+            log.info("fine-tuning: %s", note)
 
 
 def finish(loop: TrainLoop) -> Result:
