@@ -17,6 +17,7 @@ from torchvision.models._api import Weights, WeightsEnum
 from torchvision.transforms._presets import ImageClassification
 
 import cnntrain
+from cnntrain.engine.finetune import pretrained_state
 from cnntrain.errors import ConfigError
 from cnntrain.export import export
 from cnntrain.models import pretrained
@@ -224,7 +225,7 @@ def test_timm_weights_load_from_an_offline_hub_cache_with_a_new_head(timm_weight
 def test_timm_weights_from_a_local_file(timm_weights, tmp_path):
     path, state = timm_weights
     from cnntrain.models import create_model
-    from cnntrain.models.pretrained import load_matching, pretrained_state
+    from cnntrain.models.pretrained import load_matching
 
     loaded, source = pretrained_state(f"timm/{TIMM_ARCH}", str(path))
     assert str(path) in source and all(torch.equal(loaded[k], state[k]) for k in state)
@@ -239,7 +240,7 @@ def test_timm_offline_without_the_weights_says_where_they_belong(tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError) as err:
-        pretrained.pretrained_state(f"timm/{TIMM_ARCH}", "DEFAULT")
+        pretrained_state(f"timm/{TIMM_ARCH}", "DEFAULT")
     assert f"timm/{TIMM_ARCH}.{TIMM_TAG}" in str(err.value) and str(tmp_path / "empty") in str(err.value)
 
 

@@ -31,7 +31,15 @@ import torch.nn as nn
 from cnntrain.config import TrainConfig
 from cnntrain.engine.callbacks import Callback
 from cnntrain.errors import ConfigError
-from cnntrain.models.pretrained import InitTable, Preprocessing, load_matching, preprocessing, pretrained_state
+from cnntrain.models.pretrained import (
+    TIMM_PREFIX,
+    InitTable,
+    Preprocessing,
+    load_matching,
+    torchvision_preprocessing,
+    torchvision_state,
+)
+from cnntrain.models.timm_models import timm_preprocessing, timm_state
 
 log = logging.getLogger("cnntrain")
 
@@ -41,6 +49,21 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 # ------------------------------------------------------------------------------------- starting weights
+def preprocessing(model: str, tag: str) -> Preprocessing:
+    """The preprocessing published with the weights ``tag`` of ``model`` (torchvision, or ``timm/<name>``);
+    read from the weights' description, nothing is downloaded."""
+    if model.startswith(TIMM_PREFIX):
+        return timm_preprocessing(model.removeprefix(TIMM_PREFIX), tag)
+    return torchvision_preprocessing(model, tag)
+
+
+def pretrained_state(model: str, tag: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The published weights ``tag`` of ``model`` as a state dict, with where they came from."""
+    if model.startswith(TIMM_PREFIX):
+        return timm_state(model.removeprefix(TIMM_PREFIX), tag)
+    return torchvision_state(model, tag)
+
+
 def run_preprocessing(cfg: TrainConfig) -> Preprocessing | None:
     """The pretrained weights' preprocessing, or None when the run does not start from published weights."""
     if not cfg.pretrained:

@@ -4,7 +4,7 @@ model by name and shape, with a table of what was loaded, re-initialised and lef
 
     state, source = torchvision_state("resnet18", "DEFAULT")   # ~/.cache/torch/hub/checkpoints/...
     table = load_matching(model, state, source)                # the new head keeps its random init
-    preprocessing("resnet18", "DEFAULT").mean                  # the weights' own normalisation
+    torchvision_preprocessing("resnet18", "DEFAULT").mean      # the weights' own normalisation
 
 ``CNNTRAIN_WEIGHTS_MIRROR`` (a base URL, e.g. ``http://mirror.local/models/``) fetches torchvision's
 files from a mirror instead of download.pytorch.org: the file name, and so its hash, stay the same.
@@ -208,23 +208,8 @@ def _interpolation_name(mode: Any) -> str:
     return str(getattr(mode, "value", mode)).lower()
 
 
-def preprocessing(model: str, tag: str) -> Preprocessing:
-    """The preprocessing published with the weights ``tag`` of ``model`` (torchvision, or ``timm/<name>``);
-    read from the weights' description, nothing is downloaded."""
-    if model.startswith(TIMM_PREFIX):
-        from cnntrain.models.timm_models import timm_preprocessing
-
-        return timm_preprocessing(model.removeprefix(TIMM_PREFIX), tag)
+def torchvision_preprocessing(model: str, tag: str) -> Preprocessing:
+    """The preprocessing published with torchvision's weights ``tag`` of ``model`` (nothing is downloaded)."""
     transforms = torchvision_weights(model, tag).transforms()
     return Preprocessing(tuple(transforms.mean), tuple(transforms.std), int(min(transforms.crop_size)),
                          int(min(transforms.resize_size)), _interpolation_name(transforms.interpolation))
-
-
-def pretrained_state(model: str, tag: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The published weights ``tag`` of ``model`` (torchvision name or ``timm/<name>``) as a state dict,
-    with where they came from."""
-    if model.startswith(TIMM_PREFIX):
-        from cnntrain.models.timm_models import timm_state
-
-        return timm_state(model.removeprefix(TIMM_PREFIX), tag)
-    return torchvision_state(model, tag)
