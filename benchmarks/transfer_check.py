@@ -55,8 +55,12 @@ def cifar_subset(src: Path, dest: Path, per_class: int) -> Path:
 
 
 def pretrain(args: argparse.Namespace) -> Path:
-    data = cifar_subset(Path(args.cifar), Path(args.out) / "cifar-subset", args.per_class)
     run_dir = Path(args.out) / "cifar-resnet18"
+    if args.reuse and (run_dir / "model.safetensors").is_file():
+        s = json.loads((run_dir / "summary.json").read_text())
+        print(f"reusing {run_dir}: held-out top-1 {100 * s['final_top1']:.1f}%", flush=True)
+        return run_dir
+    data = cifar_subset(Path(args.cifar), Path(args.out) / "cifar-subset", args.per_class)
     s = train(run_dir, args, "--dataset", "folder", "--data-dir", str(data), "--pipeline", "memory",
               "--image-size", str(args.size), "--val-split", "1000", "--epochs", str(args.cifar_epochs),
               "--batch-size", "128", "--lr", "0.1", "--warmup-epochs", "0.2", "--weight-decay", "5e-4")
@@ -110,6 +114,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating freeze / full runs each")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--speed-only", action="store_true", help="only part 3 (no CIFAR-10 needed)")
+    p.add_argument("--reuse", action="store_true", help="keep <out>/cifar-resnet18 when it is complete")
     args = p.parse_args()
     print(machine_line(), flush=True)
     started = time.perf_counter()
