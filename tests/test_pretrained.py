@@ -173,6 +173,7 @@ def test_a_pretrained_run_uses_the_weights_preprocessing_and_predicts_and_export
     assert tuple(meta["mean"]) == pytest.approx(MEAN) and meta["input_shape"] == [3, 48, 48]
     predictions = predict(result.run_dir, [data / "val"], top_k=2)
     assert len(predictions) == 3 and all(not p.error and len(p.top) == 2 for p in predictions)
+    assert cnntrain.evaluate(result.run_dir).count == 3  # at the weights' crop size and mean / std
     exported = export(result.run_dir, "safetensors", tmp_path / "out.safetensors")
     assert cnntrain.load_weights(exported)[2]["mean"] == meta["mean"]
 
