@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--speed-only", action="store_true", help="only part 3 (no CIFAR-10 needed)")
     p.add_argument("--reuse", action="store_true", help="keep <out>/cifar-resnet18 when it is complete")
+    p.add_argument("--no-speed", action="store_true", help="skip part 3")
     args = p.parse_args()
     print(machine_line(), flush=True)
     started = time.perf_counter()
@@ -128,6 +129,8 @@ def main() -> None:
               f"{statistics.mean(cifar):.1f}% ({', '.join(f'{a:.1f}' for a in cifar)}), from random weights "
               f"{statistics.mean(scratch):.1f}% ({', '.join(f'{a:.1f}' for a in scratch)}): "
               f"{statistics.mean(cifar) - statistics.mean(scratch):+.1f} points", flush=True)
+    if args.no_speed:
+        return
     frozen, full = speed(args)
     print(f"seconds per epoch at {args.speed_size} px (median of {args.rounds}): --freeze backbone {frozen:.2f}, "
           f"full fine-tuning {full:.2f}: {full / frozen:.2f}x faster frozen", flush=True)
