@@ -182,7 +182,8 @@ def _eval_setup(path: str | Path, overrides: dict[str, Any]):
     cfg = with_resolved_precision(cfg, strategy.device, announce=False)  # a stored config is resolved already
     strategy.setup()
     try:
-        data = load_data(cfg, input_size=get_spec(cfg.model).input_size)
+        shape = meta.get("input_shape")  # as trained: a pretrained run crops at its weights' size
+        data = load_data(cfg, input_size=tuple(shape) if shape else get_spec(cfg.model).input_size)
         if data.val is None:
             raise CheckpointError(f"data set {cfg.dataset} in {cfg.data_dir} has no validation or test split")
         model = load(path, strategy.device)

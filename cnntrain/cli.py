@@ -22,6 +22,8 @@ from cnntrain.parallel.launch import add_launch_flags
 
 log = logging.getLogger("cnntrain")
 
+# Options whose flag alone means a value: --pretrained is --pretrained DEFAULT.
+FLAG_ALONE = {"pretrained": "DEFAULT"}
 SHORT = {"model": ["-n"], "batch_size": ["-b"], "epochs": ["-e"], "lr": ["-l"], "device": ["-c"],
          "run_dir": ["-o", "--monitor-path"], "max_steps": ["-i"], "ps_count": ["--ps"]}
 BARE = {"mlflow": "local", "wandb": "cnntrain"}  # the value of the flag given alone (--mlflow)
@@ -52,6 +54,8 @@ def _add_option_flag(group: argparse._ArgumentGroup, f: dataclasses.Field, hint)
         group.add_argument(*names, dest=f.name, nargs="+", type=item, default=None, help=text)
     elif typing.get_origin(hint) is dict:
         group.add_argument(*names, dest=f.name, type=_key_values, default=None, help=text)
+    elif f.name in FLAG_ALONE:
+        group.add_argument(*names, dest=f.name, nargs="?", const=FLAG_ALONE[f.name], default=None, help=text)
     else:
         choices = CHOICES.get(f.name)
         if f.name == "device":

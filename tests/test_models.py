@@ -98,7 +98,7 @@ def test_torchvision_zoo_channels_and_kwargs() -> None:
     model = create_model("resnet18", num_classes=10, in_channels=1)
     assert count_parameters(model) == 11_181_642 - 2 * 64 * 7 * 7
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 10)
-    with pytest.raises(ConfigError, match="never downloaded"):
+    with pytest.raises(ConfigError, match="give pretrained weights with --pretrained"):
         create_model("resnet18", num_classes=10, weights="IMAGENET1K_V1")
     with pytest.raises(ConfigError, match="resnet18"):
         create_model("resnet18", num_classes=10, no_such_option=1)

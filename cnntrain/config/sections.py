@@ -131,6 +131,28 @@ class NetConfig(Section):
 
     model: str = option("resnet20", "model name (`cnntrain models` lists them)")
     model_kwargs: dict[str, Any] = option({}, "extra keyword arguments of the model's constructor")
+    # Fine-tuning (engine/finetune.py, models/pretrained.py).
+    pretrained: str = option("", "start from published weights: a torchvision weights tag (DEFAULT, IMAGENET1K_V1, "
+                                 "...), for timm/<name> a timm tag or a weights file (\"\": random init; the flag "
+                                 "alone: DEFAULT); their preprocessing becomes the run's")
+    init_from: str = option("", "start from the tensors of a run folder, checkpoint, model.safetensors or state-dict "
+                                "file that match by name and shape (a new head for another class count)")
+    freeze: str = option("none", "none | backbone (all but the classifier head) | module prefixes, comma-separated; "
+                                 "frozen parts keep their weights and BatchNorm statistics")
+    unfreeze_at: float = option(0.0, "epoch from which the frozen parts train too (0: never)")
+    head_lr_mult: float = option(1.0, "LR multiplier of the classifier head")
+    layer_decay: float = option(1.0, "layer-wise LR decay: each layer down from the head gets this times the "
+                                     "LR of the one above (1: off; timm / BEiT)")
+
+    def validate(self) -> None:
+        if self.pretrained and self.init_from:
+            raise ConfigError("--pretrained and --init-from both give the starting weights: pick one")
+        if self.unfreeze_at < 0 or (self.unfreeze_at and self.freeze == "none"):
+            raise ConfigError(f"--unfreeze-at {self.unfreeze_at} needs --freeze (and an epoch >= 0)")
+        if self.head_lr_mult <= 0:
+            raise ConfigError(f"--head-lr-mult must be positive, got {self.head_lr_mult}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
 
 
 @dataclass(frozen=True)

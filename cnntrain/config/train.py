@@ -152,3 +152,12 @@ def _validate_across_sections(cfg: TrainConfig) -> None:
         if cfg.lr_schedule == "plateau":
             raise ConfigError("--lr-schedule plateau is not supported with --strategy async-ps (the ps computes the "
                               "LR from the update count alone)")
+        # The ps builds its own copy of the weights and regroups them in shards: fine-tuning's starting
+        # weights, frozen parts and per-layer rates are set up by the synchronous trainer only.
+        finetune = {"pretrained": bool(cfg.pretrained), "init_from": bool(cfg.init_from),
+                    "freeze": cfg.freeze != "none", "unfreeze_at": cfg.unfreeze_at != 0,
+                    "head_lr_mult": cfg.head_lr_mult != 1, "layer_decay": cfg.layer_decay != 1}
+        for name, used in finetune.items():
+            if used:
+                raise ConfigError(f"{flag(name)} is not supported with --strategy async-ps (fine-tuning runs "
+                                  f"under synchronous training)")

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig
+from cnntrain.engine.finetune import scale_groups
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -62,7 +63,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
 
 def model_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """``param_groups`` with the config's options (a parameter server regroups a shard after it)."""
-    return param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.norm_lr_scale, cfg.larc_bn_bias)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_bn_bias, cfg.norm_lr_scale, cfg.larc_bn_bias)
+    return scale_groups(groups, model, cfg)  # --layer-decay / --head-lr-mult
 
 
 def optimizer_for(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:

@@ -50,7 +50,11 @@ def finish_run(run_dir: Path, model: nn.Module, meta: dict, summary: dict) -> No
 
 def default_run_dir(cfg: TrainConfig, timestamp: int) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(timestamp))
-    return RUNS_ROOT / f"{cfg.dataset}-{cfg.model}-{stamp}"
+    return RUNS_ROOT / f"{cfg.dataset}-{_slug(cfg.model)}-{stamp}"
+
+
+def _slug(model: str) -> str:
+    return model.replace("/", "-")  # timm/<name>: one folder, not two
 
 
 def resolve_run_dir(cfg: TrainConfig, timestamp: int) -> Path:
@@ -58,7 +62,7 @@ def resolve_run_dir(cfg: TrainConfig, timestamp: int) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir)
     if cfg.resume == "auto":
-        previous = sorted(RUNS_ROOT.glob(f"{cfg.dataset}-{cfg.model}-*"))
+        previous = sorted(RUNS_ROOT.glob(f"{cfg.dataset}-{_slug(cfg.model)}-*"))
         if previous:
             return previous[-1]
     return default_run_dir(cfg, timestamp)

@@ -26,6 +26,7 @@ from cnntrain.data.balance import imbalance_note, loss_weights
 from cnntrain.data.datasets import DataBundle, load_data
 from cnntrain.data.loaders import build_loaders
 from cnntrain.engine import checkpoint as ckpt
+from cnntrain.engine import finetune
 from cnntrain.engine.callbacks import Callback, CallbackList, default_callbacks, load_callbacks
 from cnntrain.engine.eval_report import config_callbacks
 from cnntrain.engine.lookahead import Lookahead
@@ -89,7 +90,10 @@ def load_model_and_data(cfg: TrainConfig, device: torch.device) -> tuple[DataBun
         torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    data = load_data(cfg, input_size=get_spec(cfg.model).input_size)
+    prep = finetune.run_preprocessing(cfg)  # pretrained weights: their normalisation and crop size
+    size = get_spec(cfg.model).input_size
+    data = load_data(cfg, input_size=(size[0], prep.crop_size, prep.crop_size) if prep else size)
+    data = finetune.with_preprocessing(data, prep)
     model = build_model(cfg, data).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -152,8 +156,10 @@ def _build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback],
     resume_path, payload = ckpt.resolve_resume(cfg.resume, run_dir), None
     # Pruning touches only this run's checkpoints; a resumed run carries on its predecessor's id.
     run_id = (ckpt.run_id_of(resume_path) if resume_path is not None else None) or ckpt.new_run_id()
+    table = None
     if resume_path is None:
         init_from_data(model, data, device)  # before the lookahead copies the weights
+        table = finetune.initial_weights(cfg, model)  # --pretrained / --init-from
     state = _new_state(cfg, model, device, total_steps)
     if resume_path is not None:
         payload = _restore(state, resume_path, cfg, global_batch, world, strategy.is_main)
@@ -161,6 +167,9 @@ def _build_loop(cfg: TrainConfig, strategy: Strategy, callbacks: list[Callback],
     if strategy.is_main:  # only once the resume is accepted: a refused resume touches nothing
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        finetune.save_table(table, run_dir)
+    tuner = finetune.FineTune.for_run(cfg, model, world)  # after the optimizer took every parameter
+    callbacks = [*callbacks, tuner] if tuner is not None else callbacks
     wrapped = strategy.wrap_model(model)
     strategy.load_state_dict(state.extra.get("strategy", {}))
     if cfg.compile:
@@ -223,6 +232,9 @@ def _log_start(loop: TrainLoop, model: nn.Module) -> None:
         if note:
             log.info("%s%s", note, "" if cfg.class_weights or cfg.balanced_sampler else
                      " (--class-weights auto or --balanced-sampler may help)")
+        note = finetune.describe(cfg, finetune.run_preprocessing(cfg))
+        if note:
+            log.info("fine-tuning: %s", note)
 
 
 def finish(loop: TrainLoop) -> Result:

@@ -22,6 +22,8 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+# Families too large or too optional to register up front (timm): name prefix -> spec of a full name.
+_RESOLVERS: dict[str, Callable[[str], ModelSpec]] = {}
 
 
 def register(name: str, *, input_size: tuple[int, int, int], family: str, recipe: str | None = None,
@@ -37,14 +39,24 @@ def register(name: str, *, input_size: tuple[int, int, int], family: str, recipe
     return wrap
 
 
+def register_resolver(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:
+    """Names starting with ``prefix`` are looked up by ``resolve(name)`` when first asked for."""
+    _RESOLVERS[prefix] = resolve
+
+
 def get_spec(name: str) -> ModelSpec:
     if name not in _REGISTRY:
+        for prefix, resolve in _RESOLVERS.items():
+            if name.startswith(prefix):
+                _REGISTRY[name] = resolve(name)
+                return _REGISTRY[name]
         raise ConfigError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; "
                           f"`cnntrain models` lists them all")
     return _REGISTRY[name]
 
 
 def list_models() -> list[ModelSpec]:
+    """The registered models (families behind a resolver, such as ``timm/<name>``, only once used)."""
     return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
 
 

@@ -1,8 +1,10 @@
-"""Every torchvision classification model, under torchvision's own name, always randomly initialised.
+"""Every torchvision classification model, under torchvision's own name, randomly initialised.
 
 The list comes from ``torchvision.models.list_models(module=torchvision.models)``, which holds the
 ImageNet classifiers only (detection, segmentation, video, optical flow and quantized models live in
-submodules). Nothing is ever downloaded: ``weights`` is fixed to None.
+submodules). The factories never download: ``weights`` is fixed to None, and ``--pretrained [TAG]``
+loads torchvision's published weights afterwards (``models/pretrained.py``), keeping a new head for
+another class count.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def _replace_stem(model: nn.Module, in_channels: int, name: str) -> None:
 def _make_factory(name: str):
     def factory(num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
         if "weights" in kwargs or "pretrained" in kwargs:
-            raise ConfigError(f"{name}: pretrained weights are never downloaded; start from random "
-                              f"weights or load a checkpoint")
+            raise ConfigError(f"{name}: give pretrained weights with --pretrained [TAG] (torchvision's "
+                              f"weights enum, e.g. DEFAULT) or --init-from PATH, not as a model keyword")
         if name in _AUX_MODELS:
             kwargs.setdefault("aux_logits", False)
             kwargs.setdefault("init_weights", True)  # torchvision warns when this is left unset
