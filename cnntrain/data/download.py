@@ -15,7 +15,6 @@ through the usual ``*_proxy`` variables work.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import logging
 import os
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from cnntrain.digest import file_digest
 from cnntrain.errors import DataError
 
 log = logging.getLogger("cnntrain")
@@ -60,15 +60,6 @@ class Resource:
         """The expected checksums as text for messages, e.g. ``md5 f68b...``."""
         parts = [f"{algo} {value}" for algo, value in (("sha256", self.sha256), ("md5", self.md5)) if value]
         return ", ".join(parts) if parts else "no published checksum"
-
-
-def file_digest(path: str | os.PathLike, algo: str = "md5") -> str:
-    """Hex digest of a file, read in 1 MiB chunks; ``algo`` is any :mod:`hashlib` name."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _mismatch(path: Path, resource: Resource) -> str | None:

@@ -11,7 +11,6 @@ a stale T; ``read_temperature`` then says so and gives 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cnntrain.digest import file_digest
 from cnntrain.engine.evaluate import tta_logits
 from cnntrain.engine.precision import autocast
 
@@ -68,19 +68,11 @@ def run_folder_of(source: Path) -> Path:
     return source.parent.parent if source.parent.name == "checkpoints" else source.parent
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_temperature(source: Path, temperature: float, facts: dict[str, Any]) -> Path:
     """Write ``calibration.json`` into the run folder of weights ``source``; returns its path."""
     source = Path(source)
     path = run_folder_of(source) / CALIBRATION_FILE
-    content = {"temperature": temperature, "weights": source.name, "sha256": file_digest(source), **facts}
+    content = {"temperature": temperature, "weights": source.name, "sha256": file_digest(source, "sha256"), **facts}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(content, indent=2) + "\n")
     os.replace(tmp, path)
@@ -98,7 +90,7 @@ def read_temperature(source: Path) -> float:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("%s is unreadable (%s): probabilities are not calibrated", path, exc)
         return 1.0
-    if digest != file_digest(Path(source)):
+    if digest != file_digest(source, "sha256"):
         log.warning("%s was fitted for other weights than %s (changed since): probabilities are not calibrated; "
                     "run cnntrain eval --calibrate again", path, source)
         return 1.0

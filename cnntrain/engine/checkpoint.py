@@ -12,7 +12,6 @@ run's checkpoint or another writer's temp file in the same folder is never count
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cnntrain.digest import file_digest
 from cnntrain.errors import CheckpointError
 
 log = logging.getLogger("cnntrain")
@@ -32,14 +32,6 @@ _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 _TMP = re.compile(r"^\..+\.tmp-(\d+)-(\w+)-[0-9a-f]{8}$")
 # Everything a checkpoint writer puts in its folder (temp files also in the pre-run-id form ``.<name>.tmp<pid>``).
 _OWNED = re.compile(r"^(step-\d{8,}|best)\.(pt|json)$|^\..+\.tmp(\d+$|-)")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def new_run_id() -> str:
@@ -104,7 +96,7 @@ def save_checkpoint(state: dict[str, Any], folder: Path, step: int, *, keep_last
     path = folder / f"step-{step:08d}.pt"
     try:
         _atomic_write(path, lambda f: torch.save(state, f), run_id)
-        meta = {"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+        meta = {"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": file_digest(path, "sha256"),
                 "run_id": run_id}
         _atomic_write(manifest_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()), run_id)
         if best:
@@ -217,7 +209,7 @@ def verify_checkpoint(path: Path) -> None:
     size = path.stat().st_size
     if size != expected_size:
         raise CheckpointError(f"checkpoint {path} is {size} bytes, its manifest says {expected_size}: truncated")
-    if sha256_file(path) != expected_sha:
+    if file_digest(path, "sha256") != expected_sha:
         raise CheckpointError(f"checkpoint {path} does not match its SHA-256 in {man.name}: corrupt")
 
 

@@ -12,7 +12,6 @@ files from a mirror instead of download.pytorch.org: the file name, and so its h
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cnntrain.digest import file_digest
 from cnntrain.errors import ConfigError, did_you_mean
 
 log = logging.getLogger("cnntrain")
@@ -144,20 +144,12 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_cached_hash(path: Path) -> None:
     """Refuse a cached weights file whose sha256 does not start with the prefix in its name."""
     match = _HASH_IN_NAME.search(path.name)
     if not match or not match.group(1):
         return
-    prefix, actual = match.group(1), _sha256(path)
+    prefix, actual = match.group(1), file_digest(path, "sha256")
     if not actual.startswith(prefix):
         raise ConfigError(f"{path}: damaged or swapped weights file (its sha256 starts {actual[:len(prefix)]}, its "
                           f"name says {prefix}); delete it and run again to download it anew")
