@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +45,15 @@ def run_cli(*args: str, timeout: float = 240, env: dict | None = None, cwd=None)
 
 def weights(run_dir) -> dict:
     return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def same_weights(run_a, run_b) -> bool:
+    """Both runs' model.safetensors hold the same tensors, bit for bit."""
+    wa, wb = weights(run_a), weights(run_b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def metrics_rows(run_dir, timed=("img_per_s", "elapsed_s")) -> list[dict]:
+    """metrics.csv's rows without the columns that measure time (those differ between equal runs)."""
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [{k: v for k, v in r.items() if k not in timed} for r in csv.DictReader(f)]

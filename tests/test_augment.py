@@ -21,7 +21,7 @@ from cnntrain.data.samplers import RepeatedAugOrder
 from cnntrain.data.streaming import StreamLoader
 from cnntrain.errors import ConfigError
 from tests.fixtures import write_image_folder
-from tests.helpers import tiny, weights
+from tests.helpers import metrics_rows, same_weights, tiny
 
 CPU = torch.device("cpu")
 
@@ -212,16 +212,9 @@ def test_resume_with_policies_mixing_and_repeats_on_equals_uninterrupted(tmp_pat
     with pytest.raises(Crash):
         cnntrain.train(part, callbacks=[CrashAt()])  # mid epoch 2 (8 steps per epoch)
     resumed = cnntrain.train({**part, "resume": "auto"})
-    wa, wb = weights(full.run_dir), weights(resumed.run_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert _rows(full.run_dir) == _rows(resumed.run_dir)
+    assert same_weights(full.run_dir, resumed.run_dir)
+    assert metrics_rows(full.run_dir) == metrics_rows(resumed.run_dir)
 
-
-def _rows(run):
-    import csv
-
-    with open(run / "metrics.csv") as f:
-        return [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in csv.DictReader(f)]
 
 
 def test_a_stream_dataset_copy_keeps_its_policy(photos):

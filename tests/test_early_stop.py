@@ -14,7 +14,7 @@ from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.early_stop import EarlyStopping, PlateauSchedule
 from cnntrain.engine.evaluate import EvalResult
 from cnntrain.errors import ConfigError
-from tests.helpers import tiny, weights
+from tests.helpers import metrics_rows, same_weights, tiny, weights
 
 
 class FakeLoop:
@@ -112,15 +112,10 @@ def test_plateau_and_early_stopping_resume_bitwise_exactly(tmp_path):
         cnntrain.train(part, callbacks=[CrashAfterCheckpoint(15)])  # after the plateau has acted
     resumed = cnntrain.train({**part, "resume": "auto"})
 
-    def rows(run):
-        with open(run / "metrics.csv") as f:
-            return [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in csv.DictReader(f)]
-
-    lrs = sorted({float(r["lr"]) for r in rows(full.run_dir)})
+    lrs = sorted({float(r["lr"]) for r in metrics_rows(full.run_dir)})
     assert len(lrs) >= 2, "the plateau schedule never lowered the LR: nothing resumed to test"
-    assert rows(full.run_dir) == rows(resumed.run_dir)
-    wa, wb = weights(full.run_dir), weights(resumed.run_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert metrics_rows(full.run_dir) == metrics_rows(resumed.run_dir)
+    assert same_weights(full.run_dir, resumed.run_dir)
     for key in ("steps", "stopped", "best_weights", "macro_f1"):
         assert full.summary[key] == resumed.summary[key]
 

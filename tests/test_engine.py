@@ -11,7 +11,7 @@ import torch
 import cnntrain
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.errors import ConfigError, NumericalError
-from tests.helpers import REPO, cli_args, tiny, weights
+from tests.helpers import REPO, cli_args, metrics_rows, same_weights, tiny, weights
 
 
 def test_end_to_end_run_writes_every_output(tmp_path):
@@ -87,14 +87,9 @@ def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, preci
     part = tiny(tmp_path / "part", **options)
     train_until_crash(part, 9)  # mid epoch 2 (8 steps per epoch), mid log window (every 5 steps)
     resumed = cnntrain.train({**part, "resume": "auto"})
-    wa, wb = weights(full.run_dir), weights(resumed.run_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert _rows_without_timing(full.run_dir) == _rows_without_timing(resumed.run_dir)
+    assert same_weights(full.run_dir, resumed.run_dir)
+    assert metrics_rows(full.run_dir) == metrics_rows(resumed.run_dir)
 
-
-def _rows_without_timing(run):
-    with open(run / "metrics.csv") as f:
-        return [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in csv.DictReader(f)]
 
 
 @pytest.mark.slow
@@ -176,8 +171,7 @@ def test_crash_between_checkpoint_and_manifest_resumes_from_the_previous_one(tmp
         cnntrain.train(part, callbacks=[CrashAfterCheckpoint(9, drop_manifest=True)])
     assert ckpt.latest_valid(tmp_path / "part" / "checkpoints").name == "step-00000008.pt"  # the epoch-end one
     resumed = cnntrain.train({**part, "resume": "auto"})
-    wa, wb = weights(full.run_dir), weights(resumed.run_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert same_weights(full.run_dir, resumed.run_dir)
 
 
 def test_fp16_overflow_steps_are_skipped_and_counted_not_trained_on(tmp_path):
@@ -216,7 +210,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     small = cnntrain.train(tiny(tmp_path / "small", batch_size=8, accum_steps=4, **options))
     wa, wb = weights(large.run_dir), weights(small.run_dir)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=1e-5) for k in wa)
-    rows = [_rows_without_timing(r.run_dir) for r in (large, small)]
+    rows = [metrics_rows(r.run_dir) for r in (large, small)]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]  # optimizer steps, not micro-batches
     for a, b in zip(*rows):
         if a["split"] == "train":

@@ -10,7 +10,6 @@ and every metrics.csv row (timings aside) must be bitwise those of a run never i
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import subprocess
@@ -21,7 +20,7 @@ import torch
 
 import cnntrain
 from cnntrain.engine import checkpoint as ckpt
-from tests.helpers import REPO, cli_args, tiny, weights
+from tests.helpers import REPO, cli_args, metrics_rows, same_weights, tiny
 
 FAULTS = REPO / "tests" / "faults"
 # 256 images / batch 32 = 8 steps per epoch, 16 in all; checkpoints at 3, 6, 9, 12, 15 and 16.
@@ -44,18 +43,12 @@ def fault_env(kind: str, n: int, marker, rank: int | None = None) -> dict:
     return env
 
 
-def metrics_rows(run) -> list[dict]:
-    with open(run / "metrics.csv") as f:
-        return [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in csv.DictReader(f)]
-
-
 def final_optimizer_state(run) -> dict:
     return ckpt.load_checkpoint(ckpt.latest_valid(run / "checkpoints"))["optimizer"]["state"]
 
 
 def assert_identical_runs(a, b) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
+    assert same_weights(a, b), "final weights differ"
     sa, sb = final_optimizer_state(a), final_optimizer_state(b)
     assert sa.keys() == sb.keys()
     for key in sa:

@@ -3,8 +3,6 @@ statistics unchanged), --unfreeze-at, --layer-decay / --head-lr-mult groups, and
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from cnntrain.engine.finetune import TABLE_FILE, layer_units, lr_scales
 from cnntrain.engine.optim import model_param_groups, set_lr
 from cnntrain.errors import ConfigError
 from cnntrain.models import create_model
-from tests.helpers import cli_args, tiny, weights
+from tests.helpers import cli_args, metrics_rows, same_weights, tiny, weights
 from tests.test_engine import train_until_crash
 
 # resnet20 has BatchNorm, a stem, three stages and a head: enough to see every rule act.
@@ -120,10 +118,6 @@ def test_layer_decay_and_head_lr_mult_scale_each_layer_from_the_head_down():
     assert all("lr_scale" not in g for g in plain)  # off by default: the groups as before
 
 
-def _rows(run):
-    with open(run / "metrics.csv") as f:
-        return [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in csv.DictReader(f)]
-
 
 def test_a_resumed_fine_tune_equals_an_uninterrupted_one(source, tmp_path):
     options = dict(init_from=str(source), freeze="backbone", unfreeze_at=1, layer_decay=0.7, head_lr_mult=3.0,
@@ -133,9 +127,8 @@ def test_a_resumed_fine_tune_equals_an_uninterrupted_one(source, tmp_path):
         part = tiny(tmp_path / f"part{crash_at}", **options)
         train_until_crash(part, crash_at)
         resumed = cnntrain.train({**part, "resume": "auto"})
-        wa, wb = weights(full.run_dir), weights(resumed.run_dir)
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), crash_at
-        assert _rows(full.run_dir) == _rows(resumed.run_dir)
+        assert same_weights(full.run_dir, resumed.run_dir), crash_at
+        assert metrics_rows(full.run_dir) == metrics_rows(resumed.run_dir)
 
 
 def test_options_are_checked_and_refused_where_they_cannot_work(tmp_path):

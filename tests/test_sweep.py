@@ -4,7 +4,6 @@ interrupted one exactly."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -22,7 +21,9 @@ from cnntrain.cli import main
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.errors import ConfigError
 from cnntrain.sweep.spec import load_spec
-from tests.helpers import REPO, run_cli, weights
+from tests.helpers import REPO, metrics_rows, run_cli, weights
+
+UNTIMED = ("img_per_s", "elapsed_s", "data_share")  # a trial's data share is a time too
 
 optuna = pytest.importorskip("optuna")
 
@@ -36,11 +37,6 @@ SPEC = {
     "pruner": {"type": "median", "startup_trials": 1, "warmup_steps": 0},
 }
 
-
-def _rows(run: Path) -> list[dict]:
-    with open(run / "metrics.csv") as f:
-        return [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s", "data_share")}
-                for r in csv.DictReader(f)]
 
 
 def _finished(folder: Path) -> dict[int, str]:
@@ -104,8 +100,8 @@ def test_parallel_sweep_killed_and_rerun_finishes_without_repeats_and_reports_a_
     for n in sorted({best.number, *interrupted}):
         run = folder / f"trial-{n:04d}"
         again = cnntrain.train(recipe=str(run / "config.yaml"), run_dir=str(tmp_path / f"again-{n}"), resume="")
-        ours = _rows(run)
-        assert _rows(again.run_dir)[:len(ours)] == ours, n
+        ours = metrics_rows(run, UNTIMED)
+        assert metrics_rows(again.run_dir, UNTIMED)[:len(ours)] == ours, n
         if not (run / "PRUNED").exists():
             wa, wb = weights(run), weights(again.run_dir)
             assert all(torch.equal(wa[k], wb[k]) for k in wa), n
