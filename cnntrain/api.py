@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig, build_config, config_from_dict
-from cnntrain.data.datasets import load_data
+from cnntrain.data.datasets import load_data, with_resize
 from cnntrain.data.loaders import build_eval_loader
 from cnntrain.engine import checkpoint as ckpt
 from cnntrain.engine.calibration import (
@@ -184,6 +184,7 @@ def _eval_setup(path: str | Path, overrides: dict[str, Any]):
     try:
         shape = meta.get("input_shape")  # as trained: a pretrained run crops at its weights' size
         data = load_data(cfg, input_size=tuple(shape) if shape else get_spec(cfg.model).input_size)
+        data = with_resize(data, meta.get("eval_resize") or 0, meta.get("interpolation") or "bilinear")
         if data.val is None:
             raise CheckpointError(f"data set {cfg.dataset} in {cfg.data_dir} has no validation or test split")
         model = load(path, strategy.device)

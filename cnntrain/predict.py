@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from cnntrain.api import load, load_weights, temperature_of
-from cnntrain.data.crops import resize_centre_crop
+from cnntrain.data.crops import INTERPOLATIONS, resize_centre_crop
 from cnntrain.data.folder import IMAGE_EXTENSIONS
 from cnntrain.data.images import MAX_IMAGE_PIXELS, open_image, to_rgb
 from cnntrain.engine.evaluate import tta_logits
@@ -47,17 +47,20 @@ def image_files(inputs: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def prepare_image(path: Path, shape: tuple[int, int, int], max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """uint8 [C, H, W] for a model taking ``shape`` = (C, H, W). Raises :class:`DataError` naming
-    the file when it has more than ``max_pixels`` pixels (0: no limit)."""
+def prepare_image(path: Path, shape: tuple[int, int, int], max_pixels: int = MAX_IMAGE_PIXELS, eval_resize: int = 0,
+                  interpolation: str = "bilinear") -> torch.Tensor:
+    """uint8 [C, H, W] for a model taking ``shape`` = (C, H, W), resized as the run's evaluation did
+    (``eval_resize``, ``interpolation``: see ``crops.resize_centre_crop``). Raises :class:`DataError`
+    naming the file when it has more than ``max_pixels`` pixels (0: no limit)."""
     channels, height, width = shape
+    interpolation = interpolation if interpolation in INTERPOLATIONS else "bilinear"  # the file's word, checked
     with open_image(path, str(path), max_pixels) as image:
         image.load()
         image = to_rgb(image)
     if height > 64 and height == width:
-        image = resize_centre_crop(image, height)
+        image = resize_centre_crop(image, height, eval_resize, interpolation)
     elif image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR)
+        image = image.resize((width, height), INTERPOLATIONS[interpolation])
     if channels == 1:
         image = image.convert("L")
     array = np.asarray(image, dtype=np.uint8)
@@ -103,7 +106,8 @@ def predict(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, t
 
     for i, path in enumerate(files):
         try:
-            pending.append((i, prepare_image(path, shape, max_image_pixels)))
+            pending.append((i, prepare_image(path, shape, max_image_pixels, meta.get("eval_resize") or 0,
+                                                  meta.get("interpolation") or "bilinear")))
         except DataError as exc:
             results[i].error = str(exc)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

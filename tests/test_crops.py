@@ -57,3 +57,18 @@ def test_the_centre_box_is_what_resize_then_centre_crop_shows():
     expected = np.asarray(resize_centre_crop(image, 56), dtype=np.int16)
     assert np.abs(shown - expected).max() <= 3  # the same region, resampled once instead of twice
     assert np.abs(np.asarray(crop_resize(image, (0, 0, 105, 105), 56, False), dtype=np.int16) - expected).max() > 20
+
+
+def test_evaluation_with_pretrained_weights_resize_equals_torchvision_s_transform():
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as tvf
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8))
+    ours = np.asarray(resize_centre_crop(image, 48, resize=56, interpolation="bicubic"))
+    theirs = tvf.center_crop(tvf.resize(image, 56, InterpolationMode.BICUBIC), 48)  # weights.transforms()'s steps
+    assert np.array_equal(ours, np.asarray(theirs))
+    assert centre_crop_box(70, 60, 48, resize=56) == (9, 4, 60, 55)  # 60 * 48 / 56 = 51 px square in the middle
+    default = np.asarray(resize_centre_crop(image, 48), dtype=np.int16)  # 48 * 256 / 224 = 55 px, bilinear
+    assert not torch.equal(torch.from_numpy(default), torch.from_numpy(ours.astype(np.int16)))

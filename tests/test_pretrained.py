@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 from torchvision.models._api import Weights, WeightsEnum
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 import cnntrain
@@ -52,7 +53,8 @@ def fake_enum(published, monkeypatch):
     class FakeWeights(WeightsEnum):
         IMAGENET1K_V1 = Weights(url=f"https://download.pytorch.org/models/{path.name}",
                                 transforms=functools.partial(ImageClassification, crop_size=48, resize_size=56,
-                                                             mean=MEAN, std=STD),
+                                                             mean=MEAN, std=STD,
+                                                             interpolation=InterpolationMode.BICUBIC),
                                 meta={"categories": [str(i) for i in range(1000)]})
         DEFAULT = IMAGENET1K_V1
 
@@ -168,9 +170,10 @@ def test_a_pretrained_run_uses_the_weights_preprocessing_and_predicts_and_export
     table = (result.run_dir / "init_weights.txt").read_text()
     assert "re-initialised   classifier.1.weight (shape [1000, 512, 1, 1] in the file, [3, 512, 1, 1] here)" in table
     start = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning:")]
-    assert start and "mean 0.400,0.450,0.500 std 0.200,0.250,0.300, resize 56 crop 48" in start[0]
+    assert start and "mean 0.400,0.450,0.500 std 0.200,0.250,0.300, resize 56 crop 48 bicubic" in start[0]
     meta = cnntrain.load_weights(result.run_dir / "model.safetensors")[2]
     assert tuple(meta["mean"]) == pytest.approx(MEAN) and meta["input_shape"] == [3, 48, 48]
+    assert (meta["eval_resize"], meta["interpolation"]) == (56, "bicubic")  # the weights' own evaluation resize
     predictions = predict(result.run_dir, [data / "val"], top_k=2)
     assert len(predictions) == 3 and all(not p.error and len(p.top) == 2 for p in predictions)
     assert cnntrain.evaluate(result.run_dir).count == 3  # at the weights' crop size and mean / std

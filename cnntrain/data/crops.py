@@ -4,7 +4,8 @@ seeded ``random.Random`` so a crop is a function of (seed, epoch, index) alone.
 - training: torchvision's RandomResizedCrop (:func:`sample_resized_crop_box`) or TensorFlow's
   ``sample_distorted_bounding_box`` as nvcnn uses it (:func:`sample_distorted_box`), then a
   resize to the crop side and a random mirror;
-- evaluation: shorter side to ``size * 256/224``, then the central square (:func:`centre_crop_box`).
+- evaluation: shorter side to ``size * 256/224`` (or a given resize side, e.g. pretrained weights'
+  own), then the central square (:func:`centre_crop_box`).
 
 The PIL functions apply them on the host; ``streaming.decode_on_device`` applies the same boxes on
 the training device.
@@ -19,6 +20,12 @@ from collections.abc import Sequence
 from PIL import Image
 
 EVAL_RESIZE_RATIO = 256 / 224  # resize-256 / centre-crop-224; gives 342 / 299 for Inception V3
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def eval_resize_side(size: int, resize: int = 0) -> int:
+    """The shorter side evaluation resizes to before its ``size`` crop: ``resize``, or ``size * 256/224``."""
+    return resize or round(size * EVAL_RESIZE_RATIO)
 
 
 def sample_resized_crop_box(width: int, height: int, rng: random.Random, min_scale: float = 0.08,
@@ -74,26 +81,27 @@ def sample_distorted_box(width: int, height: int, rng: random.Random,
     return 0, 0, width, height
 
 
-def crop_resize(image: Image.Image, box: tuple[int, int, int, int], size: int, flip: bool) -> Image.Image:
-    """``box`` of ``image`` resized to ``size`` x ``size`` (bilinear), mirrored when ``flip``."""
-    out = image.resize((size, size), Image.BILINEAR, box=box)
+def crop_resize(image: Image.Image, box: tuple[int, int, int, int], size: int, flip: bool,
+                interpolation: str = "bilinear") -> Image.Image:
+    """``box`` of ``image`` resized to ``size`` x ``size``, mirrored when ``flip``."""
+    out = image.resize((size, size), INTERPOLATIONS[interpolation], box=box)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
 
 
-def centre_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+def centre_crop_box(width: int, height: int, size: int, resize: int = 0) -> tuple[int, int, int, int]:
     """The box of the original image that :func:`resize_centre_crop` ends up showing."""
-    side = min(width, height) * size / round(size * EVAL_RESIZE_RATIO)
+    side = min(width, height) * size / eval_resize_side(size, resize)
     w, h = min(width, max(1, round(side))), min(height, max(1, round(side)))
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
 
 
-def resize_centre_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size * 256/224``, then the central ``size`` x ``size`` square."""
-    resize = round(size * EVAL_RESIZE_RATIO)
+def resize_centre_crop(image: Image.Image, size: int, resize: int = 0, interpolation: str = "bilinear") -> Image.Image:
+    """Shorter side to ``resize`` (0: ``size * 256/224``), then the central ``size`` x ``size`` square."""
+    resize = eval_resize_side(size, resize)
     width, height = image.size
     scale = resize / min(width, height)
     w, h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((w, h), Image.BILINEAR)
+    image = image.resize((w, h), INTERPOLATIONS[interpolation])
     left, top = (w - size) // 2, (h - size) // 2
     return image.crop((left, top, left + size, top + size))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from cnntrain.config import TrainConfig
 from cnntrain.data.base import ArrayDataset
 from cnntrain.data.cache import cache_root
 from cnntrain.data.cifar import load_cifar
+from cnntrain.data.crops import INTERPOLATIONS
 from cnntrain.data.folder import find_split, folder_dataset, load_image_folder, needs_streaming, scan_image_folder
 from cnntrain.data.mnist import load_mnist
 from cnntrain.data.stream_dataset import IMAGENET_STATS, StreamDataset
@@ -163,6 +165,17 @@ LOADERS: dict[str, Callable] = {
 
 def dataset_names() -> list[str]:
     return sorted(LOADERS)
+
+
+def with_resize(data: DataBundle, eval_resize: int, interpolation: str) -> DataBundle:
+    """``data`` whose streamed splits resize as given: evaluation's shorter side before the centre crop
+    (pixels; 0: the crop side x 256/224) and the interpolation of every resize (an unknown one: bilinear)."""
+    if interpolation not in INTERPOLATIONS:
+        log.warning("interpolation %r is not one of %s: bilinear instead", interpolation, ", ".join(INTERPOLATIONS))
+        interpolation = "bilinear"
+    streamed = {name: dataclasses.replace(split, eval_resize=eval_resize, interpolation=interpolation)
+                for name in ("train", "val") if isinstance(split := getattr(data, name), StreamDataset)}
+    return dataclasses.replace(data, **streamed)
 
 
 def load_data(cfg: TrainConfig, input_size: tuple[int, int, int] | None = None) -> DataBundle:

@@ -23,9 +23,9 @@ import torch
 
 from cnntrain.data.augment import POLICY_TAG, apply_one
 from cnntrain.data.crops import (
-    EVAL_RESIZE_RATIO,
     centre_crop_box,
     crop_resize,
+    eval_resize_side,
     resize_centre_crop,
     sample_distorted_box,
     sample_resized_crop_box,
@@ -76,6 +76,8 @@ class StreamDataset:
     reader: Callable[[StreamDataset, Any], tuple[bytes, list[Box]]] = read_file
     max_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused unread (images.open_image); 0: no limit
     policy: Callable | None = None  # --auto-augment's transform (augment.py), applied to each training crop
+    eval_resize: int = 0  # evaluation's shorter side before the centre crop (0: image_size * 256/224)
+    interpolation: str = "bilinear"  # of every host resize: bilinear | bicubic | nearest (crops.INTERPOLATIONS)
     _files: dict = field(default_factory=dict, repr=False)  # open shard handles, per worker process
 
     def __len__(self) -> int:
@@ -135,15 +137,15 @@ class StreamDataset:
                                    mix_seed(seed, POLICY_TAG))
                 if not self.train and image.format == "JPEG":
                     # libjpeg can decode at 1/2..1/8 scale: much faster when the image is large.
-                    resize = round(self.image_size * EVAL_RESIZE_RATIO)
+                    resize = eval_resize_side(self.image_size, self.eval_resize)
                     image.draft("RGB", (resize, resize))
                 image.load()
                 image = to_rgb(image)
                 if self.train:
                     box, flip = self._crop(image.size, boxes, seed)
-                    out = crop_resize(image, box, self.image_size, flip)
+                    out = crop_resize(image, box, self.image_size, flip, self.interpolation)
                 else:
-                    out = resize_centre_crop(image, self.image_size)
+                    out = resize_centre_crop(image, self.image_size, self.eval_resize, self.interpolation)
             pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)))
             if self.train and self.policy is not None:
                 pixels = apply_one(self.policy, pixels, mix_seed(seed, POLICY_TAG))
@@ -158,7 +160,7 @@ class StreamDataset:
     def _crop(self, size: tuple[int, int], boxes: list, seed: int) -> tuple[tuple[int, int, int, int], bool]:
         """(box of the original image to show, mirror it?) for one sample: a function of ``seed``."""
         if not self.train:
-            return centre_crop_box(*size, self.image_size), False
+            return centre_crop_box(*size, self.image_size, self.eval_resize), False
         rng = random.Random(seed)
         box = sample_distorted_box(*size, rng, boxes, self.min_scale) if self.crop == "bbox-distort" else \
             sample_resized_crop_box(*size, rng, self.min_scale)

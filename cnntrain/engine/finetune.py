@@ -7,7 +7,9 @@
 - ``--pretrained [TAG]`` / ``--init-from PATH``: the tensors that match the model by name and shape
   are loaded (``models/pretrained.py::load_matching``), the rest (a head for another class count)
   keep their random init; the table of loaded / re-initialised / unused tensors is logged and saved
-  as ``<run_dir>/init_weights.txt``. The pretrained weights' preprocessing becomes the run's.
+  as ``<run_dir>/init_weights.txt``. The pretrained weights' preprocessing becomes the run's: their
+  mean / std, crop size, and for streamed images their evaluation resize side and interpolation
+  (stored with the weights for ``predict``).
 - ``--freeze``: frozen parameters get no gradient (so no backward pass through a frozen backbone),
   and frozen BatchNorm layers stay in eval mode (their running statistics do not move).
   ``--unfreeze-at E`` lets everything train from epoch E on.
@@ -29,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from cnntrain.config import TrainConfig
+from cnntrain.data.datasets import with_resize
 from cnntrain.engine.callbacks import Callback
 from cnntrain.errors import ConfigError
 from cnntrain.models.pretrained import (
@@ -73,8 +76,12 @@ def run_preprocessing(cfg: TrainConfig) -> Preprocessing | None:
 
 
 def with_preprocessing(data, prep: Preprocessing | None):
-    """``data`` normalised as the pretrained weights expect (their mean / std)."""
-    if prep is None or len(prep.mean) != len(data.mean):
+    """``data`` prepared as the pretrained weights expect: their evaluation resize and interpolation
+    (streamed images) and their mean / std."""
+    if prep is None:
+        return data
+    data = with_resize(data, prep.resize_size, prep.interpolation)
+    if len(prep.mean) != len(data.mean):
         return data
     return dataclasses.replace(data, mean=tuple(prep.mean), std=tuple(prep.std))
 

@@ -38,8 +38,12 @@ class Result:
 def run_meta(cfg: TrainConfig, data) -> dict:
     """What exported weights and checkpoints carry so a model can be rebuilt and fed without the
     data set: model name, classes, input shape, normalisation, and the config."""
+    split = data.val or data.train  # streamed sets: how evaluation resized (pretrained weights may set it)
     return {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes,
-            "input_shape": list(data.shape), "mean": list(data.mean), "std": list(data.std), "config": cfg.to_dict()}
+            "input_shape": list(data.shape), "mean": list(data.mean), "std": list(data.std),
+            "eval_resize": getattr(split, "eval_resize", 0),
+            "interpolation": getattr(split, "interpolation", "bilinear"),
+            "config": cfg.to_dict()}
 
 
 def finish_run(run_dir: Path, model: nn.Module, meta: dict, summary: dict) -> None:
