@@ -34,10 +34,10 @@ def build_policy(name: str, *, magnitude: int = 9, num_ops: int = 2, bins: int =
     """The torchvision transform for ``--auto-augment name`` (None for ``none``): ``magnitude``,
     ``num_ops`` and ``bins`` are RandAugment's (``bins`` TrivialAugment's too), ``severity`` and
     ``width`` AugMix's."""
-    from torchvision.transforms import v2
-
     if name == "none":
         return None
+    from torchvision.transforms import v2  # here: importing torchvision costs about 1.3 s of start-up
+
     if name == "randaugment":
         return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=bins)
     if name == "trivialaugment":

@@ -24,6 +24,9 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 # Families too large or too optional to register up front (timm): name prefix -> spec of a full name.
 _RESOLVERS: dict[str, Callable[[str], ModelSpec]] = {}
+# Families whose module import is slow (torchvision pulls in torch._dynamo, about 1.3 s): registered
+# in one go the first time a name outside the registry, or the whole list, is asked for.
+_PENDING_FAMILIES: list[Callable[[], None]] = []
 
 
 def register(name: str, *, input_size: tuple[int, int, int], family: str, recipe: str | None = None,
@@ -44,7 +47,19 @@ def register_resolver(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:
     _RESOLVERS[prefix] = resolve
 
 
+def register_family(load: Callable[[], None]) -> None:
+    """``load()`` registers a whole family; it runs once, when a model outside the registry is asked for."""
+    _PENDING_FAMILIES.append(load)
+
+
+def _load_pending() -> None:
+    while _PENDING_FAMILIES:
+        _PENDING_FAMILIES.pop(0)()
+
+
 def get_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        _load_pending()
     if name not in _REGISTRY:
         for prefix, resolve in _RESOLVERS.items():
             if name.startswith(prefix):
@@ -57,6 +72,7 @@ def get_spec(name: str) -> ModelSpec:
 
 def list_models() -> list[ModelSpec]:
     """The registered models (families behind a resolver, such as ``timm/<name>``, only once used)."""
+    _load_pending()
     return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
 
 

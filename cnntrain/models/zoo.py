@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn as nn
-import torchvision
 
 from cnntrain.errors import ConfigError
-from cnntrain.models.registry import register
+from cnntrain.models.registry import register, register_family
 
 # Models whose auxiliary classifiers default to on in torchvision; off here unless asked for, so the
 # forward pass returns a plain tensor. With aux_logits=True, train-mode forward returns a namedtuple
@@ -29,6 +28,8 @@ def _input_size(name: str) -> tuple[int, int, int]:
     That is the size the weights=None architecture is built for: vit_h_14 and regnet_y_128gf have
     a larger DEFAULT (SWAG fine-tunes at 518 and 384) but build at 224 without weights.
     """
+    import torchvision
+
     try:
         crops = [min(w.transforms().crop_size) for w in torchvision.models.get_model_weights(name)]
     except (ValueError, AttributeError, TypeError):
@@ -63,6 +64,8 @@ def _make_factory(name: str):
         if name in _AUX_MODELS:
             kwargs.setdefault("aux_logits", False)
             kwargs.setdefault("init_weights", True)  # torchvision warns when this is left unset
+        import torchvision
+
         try:
             model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         except TypeError as exc:  # an unknown model_kwargs key
@@ -77,10 +80,12 @@ def _make_factory(name: str):
 
 
 def _register_all() -> None:
+    import torchvision  # slow (it imports torch._dynamo), so only when a torchvision model is asked for
+
     for name in torchvision.models.list_models(module=torchvision.models):
         register(name, input_size=_input_size(name), family="torchvision",
                  recipe={"resnet50": "nvcnn-resnet50", "inception_v3": "nvcnn-inception3"}.get(name),
                  description=f"torchvision.models.{name}")(_make_factory(name))
 
 
-_register_all()
+register_family(_register_all)
