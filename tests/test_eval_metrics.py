@@ -149,3 +149,56 @@ def test_calibrate_stores_a_temperature_that_predict_uses(run: Path, capsys):
     data[-1] ^= 1  # flip a bit of the last tensor: other weights, same file name
     weights.write_bytes(bytes(data))
     assert cnntrain.api.temperature_of(run) == 1.0
+
+
+def _unfolded_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(images)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_evaluation_folds_batchnorm_into_convolutions_without_changing_the_scores(name):
+    from cnntrain.engine.evaluate import folded_for_inference
+
+    torch.manual_seed(0)
+    model = cnntrain.create_model(name, 10).to(memory_format=torch.channels_last)
+    model.train()
+    with torch.no_grad():  # BN statistics away from their (0, 1) start, so folding has work to do
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32) * 3 + 1)
+    images = torch.randn(40, 3, 32, 32).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (40,))
+    model.eval()
+    folded = folded_for_inference(model)
+    assert folded is not model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the trained model is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), _unfolded_logits(model, images), rtol=1e-4, atol=1e-4)
+    model.train()
+    result = evaluate(model, [(images, labels)], 10)
+    assert model.training  # evaluate leaves the mode as it found it
+    logits = _unfolded_logits(model, images)
+    assert result.top1 == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    assert result.loss == pytest.approx(float(nn.functional.cross_entropy(logits, labels)), rel=1e-4)
+
+
+def test_a_model_that_cannot_be_traced_is_evaluated_unfolded():
+    from cnntrain.engine.evaluate import folded_for_inference
+
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.bn(self.conv(x))
+            if x.mean() > 0:  # control flow on a tensor's value: symbolic tracing refuses it
+                x = -x
+            return self.fc(x.mean((2, 3)))
+
+    model = DataDependent().eval()
+    assert folded_for_inference(model) is model
+    images, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
+    assert evaluate(model, [(images, labels)], 2).count == 8
