@@ -68,14 +68,15 @@ def scan_image_folder(
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue
-        found = []
+        found: list[str] = []
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found.extend(Path(dirpath, f) for f in filenames if _is_image(f) and not f.startswith("."))
+            found.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f) and not f.startswith("."))
         if not found:
             empty.append(name)
-        # Path order (a separator sorts before any character), without Path.__lt__'s cost on 50k files.
-        samples.extend((path, label) for path in sorted(found, key=lambda p: os.fspath(p).replace(os.sep, "\0")))
+        # Path order (a separator sorts before any character), sorting strings: Path objects cost 3x more.
+        found.sort(key=lambda p: p.replace(os.sep, "\0"))
+        samples.extend((Path(path), label) for path in found)
     if not samples:
         raise DataError(f"{split_dir} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     if empty:
