@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "cold_s" in figures:
         print(f"| {codes[0]} | first (cache empty) | {figures['cold_s']:.2f} | |")
     for c, f in figures["codes"].items():
-        print(f"| {c} | next (cache mapped) | {', '.join(f'{s:.2f}' for s in f['warm_s'])} | {f['warm_median_s']:.2f} |")
+        warm = ", ".join(f"{s:.2f}" for s in f["warm_s"])
+        print(f"| {c} | next (cache mapped) | {warm} | {f['warm_median_s']:.2f} |")
         print(f"| {c} | `import cnntrain.cli` alone | {', '.join(f'{s:.2f}' for s in f['import_s'])} | "
               f"{f['import_median_s']:.2f} |")
     if args.json:
