@@ -61,9 +61,11 @@ def test_auto_on_a_bf16_cpu_takes_bf16_only_where_it_measures_faster(monkeypatch
 
 def test_the_cpu_bf16_probe_times_both_precisions_quickly():
     hardware.cpu_bf16_speedup.cache_clear()
+    threads = torch.get_num_threads()
     started = time.perf_counter()
     speedup = hardware.cpu_bf16_speedup()
     assert 0.05 < speedup < 20 and time.perf_counter() - started < 10
+    assert torch.get_num_threads() == threads  # it times one core, then gives the run its threads back
     assert hardware.cpu_bf16_speedup() == speedup  # measured once per process
 
 
