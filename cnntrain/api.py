@@ -63,13 +63,8 @@ def train(config: TrainConfig | dict | None = None, *, callbacks: Iterable[Callb
     if launch.rank != 0:
         log.setLevel(logging.WARNING)  # one line of output per event, from rank 0
     cfg = resume_for_restart(cfg, main=launch.rank == 0)
-    strategy = make_strategy(cfg, launch)
-    # --precision auto becomes what this rank's device runs best: the run, config.yaml and its
-    # checkpoints only ever see fp32 / fp16 / bf16.
-    resolved = with_resolved_precision(cfg, strategy.device, announce=strategy.is_main)
-    if resolved is not cfg:  # the strategy holds the config too: the resolved one
-        strategy = make_strategy(resolved, launch)
-    return train_with(resolved, strategy, callbacks)
+    # --precision auto is resolved once the strategy is set up, to rank 0's choice on every rank.
+    return train_with(cfg, make_strategy(cfg, launch), callbacks)
 
 
 def _weights_source(path: Path) -> Path:

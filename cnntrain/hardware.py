@@ -146,6 +146,38 @@ def with_resolved_precision(cfg: TrainConfig, device: torch.device, announce: bo
     return cfg.replace(precision=precision)
 
 
+def agree_on_precision(cfg: TrainConfig, strategy) -> TrainConfig:
+    """``cfg`` with ``--precision auto`` resolved for this rank's device (``cfg`` itself otherwise);
+    ``strategy``: the run's, after its ``setup()`` (this is a collective in a group).
+
+    In a group every rank takes rank 0's choice: the CPU rule is a timing, which two busy ranks can
+    read differently, and GPUs of two generations choose differently; ranks computing in different
+    precisions would no longer train one model alike. A rank whose own choice differed says so. A
+    choice rank 0 refuses (``--loss-scale`` without fp16) fails on every rank instead of leaving the
+    others waiting in the broadcast."""
+    if cfg.precision != "auto":
+        return cfg
+    mine: TrainConfig | ConfigError
+    try:
+        mine = with_resolved_precision(cfg, strategy.device, announce=strategy.is_main)
+        code = PRECISIONS.index(mine.precision)
+    except ConfigError as exc:
+        mine, code = exc, -1
+    if strategy.world_size > 1:
+        code = int(strategy.broadcast_from_main(torch.tensor([code], device=strategy.device)).item())
+    if code < 0:
+        if isinstance(mine, ConfigError):
+            raise mine
+        raise ConfigError("--precision auto: rank 0 refused the precision it chose (its error says why); "
+                          "give --precision explicitly")
+    agreed = PRECISIONS[code]
+    if isinstance(mine, ConfigError) or mine.precision != agreed:
+        log.warning("rank %d: --precision auto would choose %s on this rank's %s; every rank takes rank 0's %s",
+                    strategy.rank, "another precision" if isinstance(mine, ConfigError) else mine.precision,
+                    strategy.device, agreed)
+    return cfg.replace(precision=agreed)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: the most memory allocated on ``device``; CPU: the process's peak resident set."""
     if device.type == "cuda":

@@ -93,6 +93,31 @@ def compression_report() -> dict:
     return results
 
 
+def precision_report() -> dict:
+    """--precision auto in a real group whose ranks time bf16 differently (as two busy ranks can):
+    what each rank runs, and what happens when rank 0 refuses its own choice."""
+    from cnntrain import hardware
+    from cnntrain.config import build_config
+    from cnntrain.errors import ConfigError
+    from cnntrain.parallel.env import detect_launch
+    from cnntrain.parallel.strategy import make_strategy
+
+    rank = dist.get_rank()
+    hardware.cpu_bf16_feature = lambda cpuinfo=None: "AVX512-BF16"
+    hardware.cpu_bf16_speedup = lambda: 2.0 if rank == 0 else 0.5  # rank 0 takes bf16, rank 1 alone fp32
+    launch = detect_launch()
+    chosen = hardware.agree_on_precision(build_config(device="cpu"), make_strategy(build_config(device="cpu"), launch))
+    codes = gather_list(torch.tensor([hardware.PRECISIONS.index(chosen.precision)]))
+    try:  # --loss-scale wants fp16: every rank's choice refuses it, and every rank says so
+        hardware.agree_on_precision(build_config(device="cpu", loss_scale=128),
+                                    make_strategy(build_config(device="cpu"), launch))
+        refused = 0
+    except ConfigError:
+        refused = 1
+    return {"precisions": [hardware.PRECISIONS[int(c)] for c in codes],
+            "refused_on_ranks": int(sum(gather_list(torch.tensor([refused]))).item())}
+
+
 def report_from_every_rank(out_path: str, make_report) -> None:
     """Join the gloo group the launcher's environment describes, run ``make_report()`` on every rank
     (it may use collectives) and write rank 0's result to ``out_path`` as JSON."""
@@ -109,7 +134,8 @@ def report_from_every_rank(out_path: str, make_report) -> None:
 
 def main(out_path: str) -> None:
     torch.set_num_threads(1)
-    report_from_every_rank(out_path, lambda: {"shards": shard_report(), "compression": compression_report()})
+    report_from_every_rank(out_path, lambda: {"shards": shard_report(), "compression": compression_report(),
+                                              "precision": precision_report()})
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def test_mpirun_launch_equals_torchrun(ddp_run, tmp_path):
 def test_shards_are_disjoint_and_compressed_gradients_keep_ranks_equal(tmp_path):
     """In a real 2-process group: every training image is visited exactly once per epoch across
     ranks; fp16 / bf16 / PowerSGD (forced to one bucket) / --no-overlap keep the ranks' weights
-    identical and close to uncompressed training."""
+    identical and close to uncompressed training; --precision auto is rank 0's choice on every rank."""
     port, report = free_port(), tmp_path / "report.json"
     procs = [subprocess.Popen([sys.executable, "-m", "tests.dist_tasks", str(report)], cwd=REPO,
                               env=rank_env(r, 2, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -154,6 +154,9 @@ def test_shards_are_disjoint_and_compressed_gradients_keep_ranks_equal(tmp_path)
     assert comp["none-no-overlap"]["rel_diff_to_none"] == 0.0
     assert comp["fp16"]["rel_diff_to_none"] < 1e-3 and comp["bf16"]["rel_diff_to_none"] < 1e-2
     assert 0 < comp["powersgd"]["rel_diff_to_none"] < 0.1
+    # --precision auto: a rank whose own probe reads bf16 as slow still takes rank 0's bf16, and a
+    # choice refused (--loss-scale without fp16) fails on both ranks instead of one waiting on the other.
+    assert result["precision"] == {"precisions": ["bf16", "bf16"], "refused_on_ranks": 2}
 
 
 def test_a_peer_that_never_joins_ends_the_job_within_the_timeout(tmp_path):

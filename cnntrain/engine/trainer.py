@@ -41,7 +41,7 @@ from cnntrain.engine.state import TrainState
 from cnntrain.engine.step import LocalUpdate, StepParts, Strategy, make_loss_fn
 from cnntrain.engine.trackers import tracker_callbacks
 from cnntrain.errors import ConfigError
-from cnntrain.hardware import peak_memory_mb
+from cnntrain.hardware import agree_on_precision, peak_memory_mb
 from cnntrain.models import count_parameters, get_spec
 from cnntrain.models.registry import create_model_for
 
@@ -54,6 +54,9 @@ def train(cfg: TrainConfig, strategy: Strategy, callbacks: Iterable[Callback] = 
     strategy.setup()
     try:
         with strategy.guard():  # a failed collective becomes a DistributedError naming rank and op
+            # --precision auto becomes what the devices run best: the run, config.yaml and its
+            # checkpoints only ever see fp32 / fp16 / bf16.
+            cfg = agree_on_precision(cfg, strategy)
             extensions = [*default_callbacks(), *config_callbacks(cfg), *load_callbacks(cfg.callbacks), *callbacks,
                           *tracker_callbacks(cfg)]
             loop = build_loop(cfg, strategy, extensions)
