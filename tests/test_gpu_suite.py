@@ -57,7 +57,8 @@ def test_tiny_suite_prints_the_table_and_writes_every_json_field(tmp_path):
     assert cifar["status"] == "ok" and cifar["recipe"] == "cifar10-fast"
     assert (cifar["train_images"], cifar["held_out"]) == (240, 60) and len(cifar["curve"]) == 2
     assert set(cifar["seconds_to"]) == {"85", "90", "91", "92", "93", "94"} and 0 <= cifar["best_top1"] <= 100
-    assert cifar["load_decoded_s"] >= 0 and cifar["load_cached_s"] >= 0 and cifar["precision"] == "bf16"
+    assert cifar["load_decoded_s"] >= 0 and cifar["load_cached_s"] >= 0
+    assert cifar["precision"] in ("fp32", "bf16")  # the recipe's auto, resolved for this CPU
 
     decode = report["jpeg_decode"]
     assert decode["status"] == "ok" and decode["host_img_per_s"] > 0 and decode["device_img_per_s"] > 0
