@@ -146,3 +146,20 @@ def test_fastnet_whitening_decorrelates_patches():
     assert torch.allclose(cov, torch.eye(12), atol=0.05)
     assert not net.whiten.weight.requires_grad
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_torchvision_is_imported_only_when_one_of_its_models_is_asked_for():
+    """Importing torchvision costs about 1.5 s of every start (it imports torch._dynamo): the CIFAR
+    models start without it, and its models are still found by name, by the listing and in
+    did-you-mean suggestions."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cnntrain.models import create_model, get_spec, list_models\n"
+            "create_model('resnet20', 10); before = 'torchvision' in sys.modules\n"
+            "family = get_spec('resnet18').family\n"
+            "print(before, family, 'torchvision' in sys.modules, len(list_models()) > 60)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "torchvision", "True", "True"], out.stderr[-2000:]
+    with pytest.raises(ConfigError, match="did you mean 'resnet18'"):
+        get_spec("resnt18")

@@ -58,13 +58,14 @@ def _load_pending() -> None:
 
 
 def get_spec(name: str) -> ModelSpec:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for prefix, resolve in _RESOLVERS.items():
+        if name.startswith(prefix):
+            _REGISTRY[name] = resolve(name)
+            return _REGISTRY[name]
+    _load_pending()
     if name not in _REGISTRY:
-        _load_pending()
-    if name not in _REGISTRY:
-        for prefix, resolve in _RESOLVERS.items():
-            if name.startswith(prefix):
-                _REGISTRY[name] = resolve(name)
-                return _REGISTRY[name]
         raise ConfigError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; "
                           f"`cnntrain models` lists them all")
     return _REGISTRY[name]
