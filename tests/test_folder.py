@@ -171,3 +171,18 @@ def test_real_palette_gif(real_data: Path, tmp_path: Path) -> None:
         (tmp_path / "x.gif").write_bytes(tar.extractfile(member).read())
     assert Image.open(tmp_path / "x.gif").mode == "P"
     assert decode_image(tmp_path / "x.gif").shape[0] == 3
+
+
+def test_channel_stats_equal_the_float_mean_and_std_of_the_images():
+    import torch
+
+    from cnntrain.data.base import ArrayDataset
+    from cnntrain.data.datasets import channel_stats
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8, generator=g)
+    images[:, 2] //= 4  # channels with different statistics
+    mean, std = channel_stats(ArrayDataset(images, torch.zeros(300, dtype=torch.int64), ["a"]))
+    as_float = images.double() / 255
+    assert mean == pytest.approx(as_float.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
+    assert std == pytest.approx(as_float.std(dim=(0, 2, 3)).tolist(), abs=1e-12)

@@ -36,7 +36,7 @@ def build_policy(name: str, *, magnitude: int = 9, num_ops: int = 2, bins: int =
     ``width`` AugMix's."""
     if name == "none":
         return None
-    from torchvision.transforms import v2  # here: importing torchvision costs about 1.3 s of start-up
+    from torchvision.transforms import v2  # here: importing torchvision costs about 1.5 s of start-up
 
     if name == "randaugment":
         return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=bins)

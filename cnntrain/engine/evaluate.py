@@ -75,8 +75,8 @@ def tta_logits(model: nn.Module, images: torch.Tensor, flip: bool = False, trans
 
 def folded_for_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (in eval mode) with each BatchNorm folded into the convolution or linear
-    layer before it, by torch.fx's ``fuse``: the same function up to rounding, about 1.3x faster on a
-    CPU ResNet-20 (the BN pass over every activation is gone). ``model`` itself when it cannot be
+    layer before it, by torch.fx's ``fuse``: the same function up to rounding, 1.03-1.39x faster on a
+    CPU ResNet-20 across runs (the BN pass over every activation is gone). ``model`` itself when it cannot be
     traced, holds no BatchNorm, is compiled (inductor folds by itself), or is wrapped in DDP, whose
     forward makes every rank evaluate with rank 0's BN statistics."""
     if isinstance(model, torch.optim.swa_utils.AveragedModel):

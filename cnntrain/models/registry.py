@@ -24,7 +24,7 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 # Families too large or too optional to register up front (timm): name prefix -> spec of a full name.
 _RESOLVERS: dict[str, Callable[[str], ModelSpec]] = {}
-# Families whose module import is slow (torchvision pulls in torch._dynamo, about 1.3 s): registered
+# Families whose module import is slow (torchvision pulls in torch._dynamo, about 1.5 s): registered
 # in one go the first time a name outside the registry, or the whole list, is asked for.
 _PENDING_FAMILIES: list[Callable[[], None]] = []
 
