@@ -27,7 +27,7 @@ from cnntrain.engine import checkpoint as ckpt
 from cnntrain.models.registry import create_model_for
 from cnntrain.parallel.env import detect_launch
 from cnntrain.parallel.strategy import make_strategy
-from tests.dist_tasks import gather_list, report_from_every_rank
+from tests.dist_tasks import exit_without_finalizing, gather_list, report_from_every_rank
 
 STEPS = 6
 
@@ -258,3 +258,4 @@ def main(task: str, out_path: str, data_dir: str = "", ports: str = "") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_without_finalizing()

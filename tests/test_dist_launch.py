@@ -23,7 +23,9 @@ from tests.netns import NetnsUnavailable, two_nodes
 
 pytestmark = pytest.mark.dist
 
-ENV = {"PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a rank that dies of a signal prints where it was.
+ENV = {"PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONFAULTHANDLER": "1"}
 # Per process batch 16 on 256 images: 8 steps per epoch of global batch 32.
 DDP = dict(batch_size=16, epochs=3, lr=0.05, scale_lr=16, progress="log")
 
