@@ -1,4 +1,5 @@
-"""The start-up and evaluation benchmarks run (tiny modes), so their figures can be re-measured."""
+"""Every script in benchmarks/ runs here in its tiny (or otherwise cheap) mode on generated data, and
+its table or JSON carries the rows and fields it promises, so none can rot unnoticed."""
 
 from __future__ import annotations
 
@@ -30,3 +31,18 @@ def test_eval_fold_benchmark_prints_both_speeds_and_the_difference(capsys):
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet20 |")]
     assert len(row) == 1 and row[0].count("|") == 7
     assert float(row[0].split("|")[-2]) < 1e-4  # the folded model's logits equal the trained one's
+
+
+def test_mnist_from_test_split_writes_both_splits_in_the_official_format(capsys, tmp_path):
+    from cnntrain.data.mnist import load_mnist, read_idx
+    from tests.fixtures import write_mnist
+
+    write_mnist(tmp_path / "src", n_train=4, n_test=30)
+    _load("mnist_from_test_split").main([str(tmp_path / "src"), str(tmp_path / "dest"), "--train", "20"])
+    assert "20 training and 10 test images" in capsys.readouterr().out
+    source = read_idx(tmp_path / "src" / "t10k-images-idx3-ubyte.gz")
+    train = load_mnist(tmp_path / "dest", train=True, verify=False)
+    test = load_mnist(tmp_path / "dest", train=False, verify=False)
+    assert (len(train), len(test)) == (20, 10)
+    assert train.images.shape[1:] == (1, 28, 28) and (train.images[:, 0] == source[:20]).all()
+    assert (test.images[:, 0] == source[20:]).all()
