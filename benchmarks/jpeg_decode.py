@@ -3,6 +3,7 @@ device (``--decode device``: nvJPEG on CUDA, libjpeg-turbo in the main process o
 
     python benchmarks/jpeg_decode.py --data-dir /data/hymenoptera --image-size 224 --workers 1
     python benchmarks/jpeg_decode.py --data-dir /data/imagenet --device cuda --batch-size 256 --workers 8
+    python benchmarks/jpeg_decode.py --tiny         # a small generated folder, 2 batches a row: checks it runs
 
 Each row is ``cnntrain bench --data-only`` (read, decode, crop, resize, flip, transfer, normalise:
 the whole input pipeline and nothing else) in a fresh process, with the same folder, crop size,
@@ -17,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +36,10 @@ def measure(decode: str, args: argparse.Namespace) -> float:
     return json.loads(out)["img_per_s"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="image folder with train/<class>/*.jpg (or <class>/*.jpg)")
+    p.add_argument("--data-dir", help="image folder with train/<class>/*.jpg (or <class>/*.jpg)")
+    p.add_argument("--tiny", action="store_true", help="a generated folder of 48 small JPEGs, 1 repeat of 2 batches")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="timed batches per row")
@@ -45,12 +48,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    tmp = tempfile.TemporaryDirectory(prefix="jpeg-decode-")
+    if args.tiny:
+        from tests.fixtures import write_image_folder
+
+        write_image_folder(tmp.name, ("ants", "bees"), per_class=24, size=(90, 120))
+        args.data_dir, args.image_size, args.batch_size, args.steps, args.warmup, args.repeats = \
+            tmp.name, 64, 8, 2, 1, 1
+    if not args.data_dir:
+        p.error("--data-dir is required (or --tiny)")
 
     rates: dict[str, list[float]] = {"host": [], "device": []}
-    for _ in range(args.repeats):
-        for decode in rates:
-            rates[decode].append(measure(decode, args))
+    with tmp:
+        for _ in range(args.repeats):
+            for decode in rates:
+                rates[decode].append(measure(decode, args))
     import torch
 
     gpu = f", {torch.cuda.get_device_name()}" if args.device != "cpu" and torch.cuda.is_available() else ""
@@ -61,6 +74,7 @@ def main() -> None:
               f"{', '.join(f'{v:.1f}' for v in values)})")
     ratio = statistics.median(rates["device"]) / statistics.median(rates["host"])
     print(f"device / host: {ratio:.2f}x")
+    return {"img_per_s": rates, "device_over_host": ratio}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,12 @@ def test_mnist_from_test_split_writes_both_splits_in_the_official_format(capsys,
     assert (len(train), len(test)) == (20, 10)
     assert train.images.shape[1:] == (1, 28, 28) and (train.images[:, 0] == source[:20]).all()
     assert (test.images[:, 0] == source[20:]).all()
+
+
+def test_jpeg_decode_times_host_and_device_decoding_and_their_ratio(capsys):
+    figures = _load("jpeg_decode").main(["--tiny", "--device", "cpu", "--threads", "1"])
+    (host,), (device,) = figures["img_per_s"]["host"], figures["img_per_s"]["device"]
+    assert host > 0 and device > 0 and figures["device_over_host"] == pytest.approx(device / host)
+    table = capsys.readouterr().out
+    assert f"decode on host  : {host:8.1f} img/s" in table and f"decode on device: {device:8.1f} img/s" in table
+    assert f"device / host: {device / host:.2f}x" in table
