@@ -1,6 +1,7 @@
 """Does ``cnntrain bench`` time the step ``cnntrain train`` runs? Both side by side, in one run.
 
     python benchmarks/bench_vs_train.py --model resnet20 --batch-size 128 --precision bf16 --repeats 3
+    python benchmarks/bench_vs_train.py --tiny     # batch 8, 3 steps, 1 repeat: checks that it runs
 
 Same model, batch, precision, thread count and synthetic 32-px data (no augmentation) for both rows:
 
@@ -24,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 BENCH = """
 import json, sys, torch
 from cnntrain.bench import bench
@@ -38,7 +41,7 @@ def run_bench(args) -> float:
     options = {"model": args.model, "batch": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                "precision": args.precision, "threads": args.threads}
     out = subprocess.run([sys.executable, "-c", BENCH, json.dumps(options)], capture_output=True, text=True,
-                         check=True)
+                         check=True, cwd=REPO)
     return float(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")).split()[1])
 
 
@@ -49,13 +52,13 @@ def run_train(args, folder: Path) -> float:
            "--precision", args.precision, "--threads", str(args.threads), "--epochs", "1", "--augment", "none",
            "--display-every", str(args.warmup), "--eval-every", "100000", "--save-every", "100000",
            "--progress", "log", "--run-dir", str(folder), "--overwrite"]
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     with open(folder / "metrics.csv") as f:
         rates = [float(r["img_per_s"]) for r in csv.DictReader(f) if r["split"] == "train"]
     return statistics.median(rates[1:])  # the first window holds the warm-up
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -65,7 +68,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="batch 8, 1 warm-up + 2 timed steps, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch_size, args.steps, args.warmup, args.repeats = 8, 2, 1, 1
     rows: dict[str, list[float]] = {"bench": [], "train": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
@@ -76,12 +82,13 @@ def main() -> None:
               "runs": rows, "median_img_per_s": medians, "train_over_bench": medians["train"] / medians["bench"]}
     if args.json:
         print(json.dumps(result, indent=1))
-        return
+        return result
     print(f"{args.model}, batch {args.batch_size}, {args.precision}, {args.threads} threads, "
           f"{args.repeats} repeats in rotation")
     for name, values in rows.items():
         print(f"{name:<6} median {medians[name]:8.1f} img/s   runs: {', '.join(f'{v:.1f}' for v in values)}")
     print(f"train / bench = {result['train_over_bench']:.3f}")
+    return result
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ its table or JSON carries the rows and fields it promises, so none can rot unnot
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def test_jpeg_decode_times_host_and_device_decoding_and_their_ratio(capsys):
     table = capsys.readouterr().out
     assert f"decode on host  : {host:8.1f} img/s" in table and f"decode on device: {device:8.1f} img/s" in table
     assert f"device / host: {device / host:.2f}x" in table
+
+
+def test_bench_vs_train_prints_both_rows_and_their_ratio(capsys):
+    result = _load("bench_vs_train").main(["--tiny", "--threads", "1"])
+    (bench,), (train,) = result["runs"]["bench"], result["runs"]["train"]
+    assert bench > 0 and train > 0 and result["median_img_per_s"] == {"bench": bench, "train": train}
+    assert result["train_over_bench"] == pytest.approx(train / bench)
+    assert json.loads(json.dumps(result)) == result  # what --json prints
+    table = capsys.readouterr().out
+    assert f"bench  median {bench:8.1f} img/s" in table and f"train  median {train:8.1f} img/s" in table
+    assert f"train / bench = {train / bench:.3f}" in table
