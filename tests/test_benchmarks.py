@@ -69,3 +69,23 @@ def test_bench_vs_train_prints_both_rows_and_their_ratio(capsys):
     table = capsys.readouterr().out
     assert f"bench  median {bench:8.1f} img/s" in table and f"train  median {train:8.1f} img/s" in table
     assert f"train / bench = {train / bench:.3f}" in table
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_tabulates_both_recipes_and_again_from_their_runs(capsys, tmp_path):
+    module = _load("time_to_accuracy")
+    module.main(["--tiny", "--out", str(tmp_path), "--targets", "0", "101", "--threads", "1"])
+    trained = capsys.readouterr().out
+    table = trained[trained.index("validation accuracy on 16 held-out images"):]
+    assert table.splitlines()[1].split() == ["target", "resnet20", "cifar10-fast"]
+    reached, never = table.splitlines()[2].split(), table.splitlines()[3].split()
+    assert reached[0] == "0%" and all(cell.endswith("s") and float(cell[:-1]) >= 0 for cell in reached[1:])
+    assert never == ["101%", "-", "-"]
+    for name in ("resnet20", "cifar10-fast"):
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"{name}: best "))
+        assert "1.0 epochs" in line and not line.split()[2].startswith("nan")
+    assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 0
+
+    module.main(["--runs", str(tmp_path / "resnet20"), str(tmp_path / "cifar10-fast"), "--out", str(tmp_path),
+                 "--targets", "0", "101"])
+    assert capsys.readouterr().out.strip() == table.strip()  # the same table, from the run folders alone
