@@ -80,7 +80,7 @@ def tiny_folders(root: Path) -> tuple[str, str]:
     return str(root / "memory"), str(root / "stream")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[tuple[str, str], float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--memory-dir", help="folder with train/<class>/*.jpg held in memory (CIFAR-10 JPEGs)")
     p.add_argument("--stream-dir", help="folder with train/<class>/*.jpg streamed (ants / bees photos)")
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", nargs="*", default=list(ROWS), help="rows to run (default: all)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     tmp = None
     if args.tiny:
         tmp = tempfile.TemporaryDirectory()
@@ -128,6 +128,7 @@ def main() -> None:
         print(f"| {row:30s} |{cells}")
     if tmp is not None:
         tmp.cleanup()
+    return medians
 
 
 if __name__ == "__main__":

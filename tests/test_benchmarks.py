@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """Scripts run in this process set torch's thread count; the tests after these keep theirs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _load(name: str):
@@ -89,3 +100,19 @@ def test_time_to_accuracy_tabulates_both_recipes_and_again_from_their_runs(capsy
     module.main(["--runs", str(tmp_path / "resnet20"), str(tmp_path / "cifar10-fast"), "--out", str(tmp_path),
                  "--targets", "0", "101"])
     assert capsys.readouterr().out.strip() == table.strip()  # the same table, from the run folders alone
+
+
+def test_augment_policies_prints_every_policy_for_both_sets_with_ratios(capsys):
+    module = _load("augment_policies")
+    medians = module.main(["--tiny"])
+    assert set(medians) == {(row, kind) for row in module.ROWS for kind in ("memory", "stream")}
+    assert all(rate > 0 and math.isfinite(rate) for rate in medians.values())
+    out = capsys.readouterr().out
+    assert "memory: 200 images of (3, 32, 32)" in out and "stream: 48 images of (3, 64, 64)" in out
+    lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert lines.pop("policy") == [f" {'memory img/s':>14s} ", " x none ", f" {'stream img/s':>14s} ", " x none "]
+    assert list(lines) == list(module.ROWS)
+    for row, cells in lines.items():
+        for kind, (rate, ratio) in zip(("memory", "stream"), (cells[:2], cells[2:])):
+            assert float(rate) == pytest.approx(medians[row, kind], abs=0.05)
+            assert float(ratio) == pytest.approx(medians[row, kind] / medians["none", kind], abs=0.005)
