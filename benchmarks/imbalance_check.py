@@ -3,6 +3,7 @@
 
     python benchmarks/imbalance_check.py --archive /work/shared/data/cifar10-jpeg-train.tar.gz \\
         --work /tmp/imbalance-cifar --epochs 6 --json imbalance.json
+    python benchmarks/imbalance_check.py --tiny --json imbalance.json  # a generated archive: checks it runs
 
 From the CIFAR-10 training JPEGs (``train/<class>/NNNN.jpg``) it builds an image folder: per class
 ``--val-per-class`` images held out as a balanced ``val/`` split, and ``--per-class`` training images
@@ -22,10 +23,12 @@ import platform
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # --tiny writes its archive with tests/fixtures.py
 
 VARIANTS = {"plain": [], "class-weights": ["--class-weights", "auto"], "balanced-sampler": ["--balanced-sampler"]}
 
@@ -63,7 +66,7 @@ def build_folder(source: Path, root: Path, per_class: int, val_per_class: int, m
 
 def train(root: Path, run_dir: Path, extra: list[str], args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "cnntrain", "train", "--dataset", "folder", "--data-dir", str(root),
-           "--model", "resnet20", "--epochs", str(args.epochs), "--batch-size", "128", "--lr", "0.1",
+           "--model", "resnet20", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", "0.1",
            "--weight-decay", "5e-4", "--lr-schedule", "cosine", "--threads", str(args.threads), "--seed", "0",
            "--precision", "fp32", "--progress", "log", "--display-every", "100", "--run-dir", str(run_dir),
            "--overwrite", "--cache-dir", str(args.work / "cache"), *extra]
@@ -79,7 +82,17 @@ def train(root: Path, run_dir: Path, extra: list[str], args: argparse.Namespace)
             "minority_f1": {c: report["per_class"][c]["f1"] for c in args.minority}}
 
 
-def main() -> None:
+def tiny_archive(root: Path) -> Path:
+    """A small stand-in for the CIFAR-10 JPEG archive: ``train/<class>/NNNN.jpg``, 4 classes of 16."""
+    from tests.fixtures import write_image_folder
+
+    write_image_folder(root / "cifar", ("airplane", "bird", "cat", "dog"), per_class=16)
+    with tarfile.open(root / "cifar.tar.gz", "w:gz") as tar:
+        tar.add(root / "cifar" / "train", arcname="train")
+    return root / "cifar.tar.gz"
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=Path("/work/shared/data/cifar10-jpeg-train.tar.gz"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/imbalance-cifar"))
@@ -88,11 +101,18 @@ def main() -> None:
     parser.add_argument("--minority", nargs="+", default=["bird", "cat", "deer"])
     parser.add_argument("--keep", type=float, default=0.1, help="fraction of --per-class the minority keeps")
     parser.add_argument("--epochs", type=float, default=6)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="a generated 64-image archive, 1 epoch of batch 8")
+    args = parser.parse_args(argv)
+    tmp = tempfile.TemporaryDirectory(prefix="imbalance-")
+    if args.tiny:
+        args.archive, args.work = tiny_archive(Path(tmp.name)), Path(tmp.name) / "work"
+        args.per_class, args.val_per_class, args.minority, args.keep = 12, 4, ["bird", "cat"], 0.25
+        args.epochs, args.batch_size = 1, 8
     source = extract(args.archive, args.work)
     root = args.work / f"folder-{args.per_class}-{args.val_per_class}-{args.keep:g}-{'-'.join(args.minority)}"
     counts = build_folder(source, root, args.per_class, args.val_per_class, args.minority, args.keep)
@@ -108,6 +128,8 @@ def main() -> None:
            platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.cleanup()
+    return out
 
 
 if __name__ == "__main__":

@@ -116,3 +116,21 @@ def test_augment_policies_prints_every_policy_for_both_sets_with_ratios(capsys):
         for kind, (rate, ratio) in zip(("memory", "stream"), (cells[:2], cells[2:])):
             assert float(rate) == pytest.approx(medians[row, kind], abs=0.05)
             assert float(ratio) == pytest.approx(medians[row, kind] / medians["none", kind], abs=0.005)
+
+
+@pytest.mark.slow
+def test_imbalance_check_trains_every_variant_and_reports_macro_f1_and_minority_recall(capsys, tmp_path):
+    module = _load("imbalance_check")
+    out = module.main(["--tiny", "--json", str(tmp_path / "imbalance.json")])
+    assert json.loads((tmp_path / "imbalance.json").read_text()) == out
+    assert out["counts"] == {"train": {"airplane": 12, "bird": 3, "cat": 3, "dog": 12},
+                             "val": {"airplane": 4, "bird": 4, "cat": 4, "dog": 4}}
+    assert list(out["results"]) == list(module.VARIANTS)
+    printed = capsys.readouterr().out
+    for name, flags in module.VARIANTS.items():
+        r = out["results"][name]
+        words = r["command"].split()
+        assert words[words.index("--cache-dir") + 2:] == flags  # the variant's own options, last
+        assert r["seconds"] > 0 and all(0 <= r[k] <= 1 for k in ("macro_f1", "weighted_f1", "top1", "ece"))
+        assert set(r["minority_recall"]) == set(r["minority_f1"]) == {"bird", "cat"}
+        assert f"{name:<17} macro F1 {100 * r['macro_f1']:.2f}%  top-1 {100 * r['top1']:.2f}%" in printed
