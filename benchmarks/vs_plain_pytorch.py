@@ -2,6 +2,8 @@
 
     python benchmarks/vs_plain_pytorch.py --data-dir /data/cifar10-jpeg        # real JPEGs + synthetic
     python benchmarks/vs_plain_pytorch.py --synthetic-only --steps 30          # no data needed
+    python benchmarks/vs_plain_pytorch.py --synthetic-only --steps 1 --warmup 1 --window 1 --repeats 1 \
+        --batch-size 8                                                         # tiny: checks that it runs
 
 Same model, batch size, thread count and step count for every row, all measured in this run:
 
@@ -138,7 +140,7 @@ def cnntrain_run(args: argparse.Namespace, data_dir: str | None, precision: str 
     return {"img_per_s": statistics.median(rates), "startup_s": wall - summary["total_seconds"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="image folder with train/<class>/*.jpg (e.g. the CIFAR-10 JPEGs)")
     p.add_argument("--synthetic-only", action="store_true", help="skip the real-data rows")
@@ -151,7 +153,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.steps % args.window or args.warmup % args.window:
         p.error("--steps and --warmup must be multiples of --window")
     if not args.synthetic_only and not args.data_dir:
@@ -203,10 +205,11 @@ def main() -> None:
         print(f"{src} cnntrain defaults: {summary[f'{src} defaults / plain loop']:.2f}x the plain loop, "
               f"{summary[f'{src} defaults / plain channels_last fp32 compute']:.2f}x plain channels_last fp32 "
               f"compute alone")
+    report = {"median_img_per_s": {f"{s} | {n}": v for (s, n), v in med.items()}, "ratios": summary,
+              "machine": machine_line(), "args": vars(args)}
     if args.json:
-        Path(args.json).write_text(json.dumps({"median_img_per_s": {f"{s} | {n}": v for (s, n), v in med.items()},
-                                               "ratios": summary, "machine": machine_line(),
-                                               "args": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -134,3 +134,30 @@ def test_imbalance_check_trains_every_variant_and_reports_macro_f1_and_minority_
         assert r["seconds"] > 0 and all(0 <= r[k] <= 1 for k in ("macro_f1", "weighted_f1", "top1", "ece"))
         assert set(r["minority_recall"]) == set(r["minority_f1"]) == {"bird", "cat"}
         assert f"{name:<17} macro F1 {100 * r['macro_f1']:.2f}%  top-1 {100 * r['top1']:.2f}%" in printed
+
+
+@pytest.mark.slow
+def test_vs_plain_pytorch_measures_every_row_and_the_ratios(capsys, tmp_path):
+    report = _load("vs_plain_pytorch").main(["--synthetic-only", "--steps", "1", "--warmup", "1", "--window", "1",
+                                             "--repeats", "1", "--batch-size", "8", "--threads", "1", "--workers", "1",
+                                             "--json", str(tmp_path / "vs.json")])
+    assert json.loads((tmp_path / "vs.json").read_text()) == report
+    med = report["median_img_per_s"]
+    assert set(med) == {f"synthetic | {n}" for n in ("plain fp32", "cnntrain defaults", "cnntrain fp32",
+                                                     "cnntrain bf16")} | \
+        {f"in memory | {n}" for n in ("plain cl-fp32", "compute-only fp32", "compute-only bf16")}
+    assert all(v > 0 and math.isfinite(v) for v in med.values())
+    synthetic = {k.split(" | ")[1]: v for k, v in med.items() if k.startswith("synthetic")}
+    in_memory = {k.split(" | ")[1]: v for k, v in med.items() if k.startswith("in memory")}
+    assert report["ratios"] == pytest.approx({
+        "synthetic fp32 end-to-end / compute-only": synthetic["cnntrain fp32"] / in_memory["compute-only fp32"],
+        "synthetic bf16 end-to-end / compute-only": synthetic["cnntrain bf16"] / in_memory["compute-only bf16"],
+        "synthetic defaults / plain loop": synthetic["cnntrain defaults"] / synthetic["plain fp32"],
+        "synthetic defaults / plain channels_last fp32 compute":
+            synthetic["cnntrain defaults"] / in_memory["plain cl-fp32"]})
+    table = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert table[1].split() == ["data", "loop", "img/s", "vs", "plain", "one-time", "s"] and len(table) == 2 + 7
+    rows = {" ".join(line.split()[:-3]): line.split()[-3:] for line in table[2:] if line.startswith("synthetic")}
+    assert rows["synthetic plain fp32"][1] == "1.00x"
+    assert rows["synthetic cnntrain fp32"][1] == f"{synthetic['cnntrain fp32'] / synthetic['plain fp32']:.2f}x"
+    assert float(rows["synthetic cnntrain defaults"][2]) > 0  # the one-time cost: start-up of the fresh process
