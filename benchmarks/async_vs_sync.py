@@ -2,6 +2,7 @@
 time to a target validation accuracy, with the same global batch per update.
 
     python benchmarks/async_vs_sync.py --quick                  # about a minute on 2 cores
+    python benchmarks/async_vs_sync.py --tiny                   # 1 epoch of 64 images: checks that it runs
     python benchmarks/async_vs_sync.py --workers 4 --epochs 20 --target 0.95 --json out.json
 
 Both train LeNet on generated CIFAR-10-format files (``tests/fixtures.py``: a colour per class plus
@@ -61,7 +62,7 @@ def measure(run_dir: Path, target: float, wall: float) -> dict:
             "per_worker_updates_per_s": {k: v["updates_per_s"] for k, v in summary.get("workers", {}).items()}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2 workers, 1280 images, 8 epochs")
     p.add_argument("--workers", type=int, default=2, help="processes (sync) / workers incl. the chief (async)")
@@ -73,9 +74,12 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=20, help="updates between evaluations")
     p.add_argument("--target", type=float, default=0.95, help="validation top-1 to reach")
     p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
+    p.add_argument("--tiny", action="store_true", help="2 workers, 64 images, 1 epoch of batch 16")
+    args = p.parse_args(argv)
     if args.quick:
         args.workers, args.train, args.test, args.epochs, args.target = 2, 1280, 200, 8, 0.9
+    if args.tiny:
+        args.workers, args.batch, args.train, args.test, args.epochs, args.eval_every = 2, 16, 64, 32, 1, 2
     if args.batch % args.workers:
         sys.exit("--batch must be a multiple of --workers (the synchronous run splits it)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -120,6 +124,7 @@ def main() -> None:
     print(f"async: updates/s per worker: {per_worker}; staleness histogram (0, 1, 2, ... updates): {a['staleness']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **results}, indent=2))
+    return results
 
 
 if __name__ == "__main__":

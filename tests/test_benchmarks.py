@@ -161,3 +161,24 @@ def test_vs_plain_pytorch_measures_every_row_and_the_ratios(capsys, tmp_path):
     assert rows["synthetic plain fp32"][1] == "1.00x"
     assert rows["synthetic cnntrain fp32"][1] == f"{synthetic['cnntrain fp32'] / synthetic['plain fp32']:.2f}x"
     assert float(rows["synthetic cnntrain defaults"][2]) > 0  # the one-time cost: start-up of the fresh process
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_async_vs_sync_runs_both_strategies_and_tabulates_them(capsys, tmp_path):
+    results = _load("async_vs_sync").main(["--tiny", "--target", "0", "--json", str(tmp_path / "avs.json")])
+    assert json.loads((tmp_path / "avs.json").read_text()).keys() == {"args", "sync", "async"}
+    s, a = results["sync"], results["async"]
+    assert s["updates"] == 4 and a["updates"] > 0  # 64 images, 16 per update, one epoch
+    for r in (s, a):
+        assert r["updates_per_s"] == pytest.approx(r["updates"] / r["train_s"]) and r["img_per_s"] > 0
+        assert r["time_to_target_s"] >= 0 and r["evaluations"] >= 1  # every evaluation reaches 0%
+        assert 0 <= r["final_top1"] <= 1 and r["wall_s"] > r["train_s"]
+    assert s["staleness"] is None and sum(a["staleness"]) == a["updates"]
+    assert set(a["per_worker_updates_per_s"]) == {"chief", "worker 1"}
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["sync", "DDP", "(2", "x", "8)", "async-ps", "(1", "ps,", "2", "x", "16)"]
+    assert [line[:28].strip() for line in table[2:9]] == [
+        "updates", "updates/s", "img/s", "time to 0% top-1 (s)", "final top-1", "training time (s)",
+        "wall time incl. start-up (s)"]
+    assert "not reached" not in "\n".join(table)
