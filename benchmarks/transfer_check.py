@@ -3,6 +3,7 @@ ants/bees photos, and how much faster is an epoch with the backbone frozen?
 
     python benchmarks/transfer_check.py --cifar /data/cifar10-jpeg --photos /data/hymenoptera_data --out transfer
     python benchmarks/transfer_check.py --photos /data/hymenoptera_data --out transfer --speed-only   # ~2 min
+    python benchmarks/transfer_check.py --tiny --out /tmp/transfer   # generated folders, 1 epoch: checks it runs
 
 1. ResNet-18 trained on a class-balanced subset of the CIFAR-10 training JPEGs (``--cifar``, a folder
    of ``train/<class>/*.jpg``; symlinked into ``<out>/cifar-subset``), upsampled to ``--size`` pixels.
@@ -24,6 +25,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,9 +64,10 @@ def pretrain(args: argparse.Namespace) -> Path:
         return run_dir
     data = cifar_subset(Path(args.cifar), Path(args.out) / "cifar-subset", args.per_class)
     s = train(run_dir, args, "--dataset", "folder", "--data-dir", str(data), "--pipeline", "memory",
-              "--image-size", str(args.size), "--val-split", "1000", "--epochs", str(args.cifar_epochs),
+              "--image-size", str(args.size), "--val-split", str(args.cifar_val), "--epochs", str(args.cifar_epochs),
               "--batch-size", "128", "--lr", "0.1", "--warmup-epochs", "0.2", "--weight-decay", "5e-4")
-    print(f"CIFAR-10 subset ({10 * args.per_class} images, {args.size} px, {args.cifar_epochs} epochs): held-out "
+    images = len(list(data.glob("train/*/*")))
+    print(f"CIFAR-10 subset ({images} images, {args.size} px, {args.cifar_epochs} epochs): held-out "
           f"top-1 {100 * s['final_top1']:.1f}% in {s['train_seconds']:.0f} s", flush=True)
     return run_dir
 
@@ -100,12 +103,23 @@ def speed(args: argparse.Namespace) -> tuple[float, float]:
     return statistics.median(times["freeze"]), statistics.median(times["full"])
 
 
-def main() -> None:
+def tiny_folders(root: Path) -> tuple[str, str]:
+    """Small stand-ins: 4 classes of 36 CIFAR-sized JPEGs, and ants / bees photos with a val/ split."""
+    from tests.fixtures import write_image_folder
+
+    write_image_folder(root / "cifar", ("airplane", "bird", "cat", "dog"), per_class=36)
+    write_image_folder(root / "photos", ("ants", "bees"), per_class=20, size=(40, 48))
+    write_image_folder(root / "photos", ("ants", "bees"), per_class=4, size=(40, 48), split="val", seed=1)
+    return str(root / "cifar"), str(root / "photos")
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cifar", help="folder with train/<class>/*.jpg (the CIFAR-10 training JPEGs)")
-    p.add_argument("--photos", required=True, help="hymenoptera_data: train/ and val/ of ants and bees")
+    p.add_argument("--photos", help="hymenoptera_data: train/ and val/ of ants and bees")
     p.add_argument("--out", default="transfer")
     p.add_argument("--per-class", type=int, default=2000, help="CIFAR-10 images per class")
+    p.add_argument("--cifar-val", type=int, default=1000, help="CIFAR-10 images held out of pre-training")
     p.add_argument("--size", type=int, default=64, help="image side for pre-training and fine-tuning (pixels)")
     p.add_argument("--cifar-epochs", type=float, default=3)
     p.add_argument("--finetune-epochs", type=float, default=15)
@@ -116,8 +130,17 @@ def main() -> None:
     p.add_argument("--speed-only", action="store_true", help="only part 3 (no CIFAR-10 needed)")
     p.add_argument("--reuse", action="store_true", help="keep <out>/cifar-resnet18 when it is complete")
     p.add_argument("--no-speed", action="store_true", help="skip part 3")
-    args = p.parse_args()
+    p.add_argument("--tiny", action="store_true", help="generated folders, 32 px, 1 epoch, 1 seed, 1 round")
+    args = p.parse_args(argv)
+    tmp = tempfile.TemporaryDirectory(prefix="transfer-check-")
+    if args.tiny:
+        args.cifar, args.photos = tiny_folders(Path(tmp.name))
+        args.per_class, args.cifar_val, args.size, args.speed_size = 36, 16, 32, 32
+        args.cifar_epochs, args.finetune_epochs, args.seeds, args.rounds = 1, 1, 1, 1
+    if not args.photos:
+        p.error("--photos is required (or --tiny)")
     print(machine_line(), flush=True)
+    figures: dict = {}
     started = time.perf_counter()
     if not args.speed_only:
         if not args.cifar:
@@ -129,12 +152,15 @@ def main() -> None:
               f"{statistics.mean(cifar):.1f}% ({', '.join(f'{a:.1f}' for a in cifar)}), from random weights "
               f"{statistics.mean(scratch):.1f}% ({', '.join(f'{a:.1f}' for a in scratch)}): "
               f"{statistics.mean(cifar) - statistics.mean(scratch):+.1f} points", flush=True)
-    if args.no_speed:
-        return
-    frozen, full = speed(args)
-    print(f"seconds per epoch at {args.speed_size} px (median of {args.rounds}): --freeze backbone {frozen:.2f}, "
-          f"full fine-tuning {full:.2f}: {full / frozen:.2f}x faster frozen", flush=True)
+        figures.update(from_cifar_top1=cifar, from_random_top1=scratch)
+    if not args.no_speed:
+        frozen, full = speed(args)
+        print(f"seconds per epoch at {args.speed_size} px (median of {args.rounds}): --freeze backbone {frozen:.2f}, "
+              f"full fine-tuning {full:.2f}: {full / frozen:.2f}x faster frozen", flush=True)
+        figures.update(frozen_s_per_epoch=frozen, full_s_per_epoch=full)
     print(f"total {time.perf_counter() - started:.0f} s")
+    tmp.cleanup()
+    return figures
 
 
 if __name__ == "__main__":
