@@ -182,3 +182,19 @@ def test_async_vs_sync_runs_both_strategies_and_tabulates_them(capsys, tmp_path)
         "updates", "updates/s", "img/s", "time to 0% top-1 (s)", "final top-1", "training time (s)",
         "wall time incl. start-up (s)"]
     assert "not reached" not in "\n".join(table)
+
+
+@pytest.mark.slow
+def test_transfer_check_compares_both_starts_and_times_frozen_against_full(capsys, tmp_path):
+    figures = _load("transfer_check").main(["--tiny", "--out", str(tmp_path)])
+    assert len(figures["from_cifar_top1"]) == len(figures["from_random_top1"]) == 1
+    assert all(0 <= a <= 100 for a in figures["from_cifar_top1"] + figures["from_random_top1"])
+    frozen, full = figures["frozen_s_per_epoch"], figures["full_s_per_epoch"]
+    assert frozen > 0 and full > 0
+    out = capsys.readouterr().out
+    assert "CIFAR-10 subset (144 images, 32 px, 1 epochs): held-out top-1" in out
+    assert "--init-from " + str(tmp_path / "cifar-resnet18") in out  # the fine-tuning starts from the pre-training
+    (cifar,), (scratch,) = figures["from_cifar_top1"], figures["from_random_top1"]
+    assert f"from CIFAR-10 weights {cifar:.1f}%" in out and f"{cifar - scratch:+.1f} points" in out
+    assert f"--freeze backbone {frozen:.2f}, full fine-tuning {full:.2f}: {full / frozen:.2f}x faster frozen" in out
+
