@@ -6,6 +6,7 @@ partial exchange (``--modes``).
     python benchmarks/ddp_scaling.py --quick          # about 1.5 minutes on 2 cores
     python benchmarks/ddp_scaling.py --steps 80 --model resnet20 --json out.json
     python benchmarks/ddp_scaling.py --quick --modes overlap topk threshold partial --rates 100mbit
+    python benchmarks/ddp_scaling.py --tiny --rates   # 4 steps of batch 8, loopback only: checks that it runs
 
 Prints img/s per setting, the scaling efficiency (2-process img/s / twice the 1-process img/s),
 the overlap gain (overlapped img/s / --no-overlap img/s) per link, and the bytes per step each
@@ -111,7 +112,7 @@ def run_netns(run_dir: Path, args, rate: str, mode: str) -> dict:
     return measured(run_dir)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, links 1gbit and 100mbit only")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per setting")
@@ -125,9 +126,12 @@ def main() -> None:
     parser.add_argument("--no-loopback", dest="loopback", action="store_false", help="skip the loopback rows")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per setting before giving up")
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="4 steps of batch 8 per setting")
+    args = parser.parse_args(argv)
     if args.quick:
         args.steps = min(args.steps, 20)
+    if args.tiny:
+        args.steps, args.batch = 4, 8
 
     rows: list[dict] = []
     started, load_before = time.time(), os.getloadavg()  # other jobs on the machine skew every figure
@@ -169,6 +173,7 @@ def main() -> None:
     print(f"torch {info['torch']}, {info['cpus']} CPUs, load before {load_before[0]:.2f}, {info['seconds']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
+    return info
 
 
 if __name__ == "__main__":

@@ -198,3 +198,23 @@ def test_transfer_check_compares_both_starts_and_times_frozen_against_full(capsy
     assert f"from CIFAR-10 weights {cifar:.1f}%" in out and f"{cifar - scratch:+.1f} points" in out
     assert f"--freeze backbone {frozen:.2f}, full fine-tuning {full:.2f}: {full / frozen:.2f}x faster frozen" in out
 
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_ddp_scaling_on_loopback_prints_efficiency_overlap_gain_and_bytes(capsys, tmp_path):
+    # Loopback only (--rates with no rate): the veth rows need root and add two 2-process runs.
+    info = _load("ddp_scaling").main(["--tiny", "--rates", "--json", str(tmp_path / "ddp.json")])
+    assert json.loads((tmp_path / "ddp.json").read_text())["rows"] == info["rows"]
+    rows = {r["setting"]: r for r in info["rows"]}
+    assert list(rows) == ["1 process", "2 processes loopback overlap", "2 processes loopback no-overlap"]
+    single = rows["1 process"]["img_per_s"]
+    for r in rows.values():
+        assert r["img_per_s"] > 0 and r["scaling_efficiency"] == pytest.approx(r["img_per_s"] / (r["procs"] * single))
+        assert 0 <= r["final_top1"] <= 1
+    overlap, plain = rows["2 processes loopback overlap"], rows["2 processes loopback no-overlap"]
+    for r in (overlap, plain):
+        assert r["bytes_per_step"] > 0 and r["dense_bytes_per_step"] == pytest.approx(r["bytes_per_step"])
+    table = {line[:34].strip(): line[34:].split() for line in capsys.readouterr().out.splitlines()
+             if line[:34].strip() in rows}
+    assert table["2 processes loopback overlap"][2] == f"{overlap['img_per_s'] / plain['img_per_s']:.2f}"
+    assert table["2 processes loopback no-overlap"][2:] == [f"{plain['bytes_per_step'] / 1e3:.1f}", "1.0x"]
