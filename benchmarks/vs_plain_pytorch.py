@@ -3,7 +3,7 @@
     python benchmarks/vs_plain_pytorch.py --data-dir /data/cifar10-jpeg        # real JPEGs + synthetic
     python benchmarks/vs_plain_pytorch.py --synthetic-only --steps 30          # no data needed
     python benchmarks/vs_plain_pytorch.py --synthetic-only --steps 1 --warmup 1 --window 1 --repeats 1 \
-        --batch-size 8                                                         # tiny: checks that it runs
+        --batch-size 8 --precisions fp32                                       # tiny: checks that it runs
 
 Same model, batch size, thread count and step count for every row, all measured in this run:
 
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="precisions of the cnntrain and compute-only rows")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.steps % args.window or args.warmup % args.window:
@@ -161,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     sources = ([("real JPEG", args.data_dir)] if not args.synthetic_only else []) + [("synthetic", None)]
     rows = [(src, name) for src, _ in sources
-            for name in ("plain fp32", "cnntrain defaults", "cnntrain fp32", "cnntrain bf16")]
-    rows += [("in memory", "plain cl-fp32"), ("in memory", "compute-only fp32"), ("in memory", "compute-only bf16")]
+            for name in ("plain fp32", "cnntrain defaults", *(f"cnntrain {prec}" for prec in args.precisions))]
+    rows += [("in memory", "plain cl-fp32"), *(("in memory", f"compute-only {prec}") for prec in args.precisions)]
     results: dict[tuple[str, str], list[dict]] = {r: [] for r in rows}
     data_of = dict(sources)
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     summary = {}
     for src, _ in sources:
-        for prec in ("fp32", "bf16"):
+        for prec in args.precisions:
             e2e = med[(src, f"cnntrain {prec}")] / med[("in memory", f"compute-only {prec}")]
             summary[f"{src} {prec} end-to-end / compute-only"] = e2e
             print(f"{src} cnntrain {prec}: end-to-end / compute-only = {e2e:.3f}")
