@@ -6,11 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The suite's time budget holds the other tiny modes; these two add ~45 s on 2 cores, so they run on request.
+over_budget = pytest.mark.skipif(os.environ.get("CNNTRAIN_SLOW_BENCHMARKS") != "1",
+                                 reason="over the suite's time budget; set CNNTRAIN_SLOW_BENCHMARKS=1 to run it")
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +67,7 @@ def test_mnist_from_test_split_writes_both_splits_in_the_official_format(capsys,
     assert (test.images[:, 0] == source[20:]).all()
 
 
+@pytest.mark.slow
 def test_jpeg_decode_times_host_and_device_decoding_and_their_ratio(capsys):
     figures = _load("jpeg_decode").main(["--tiny", "--device", "cpu", "--threads", "1"])
     (host,), (device,) = figures["img_per_s"]["host"], figures["img_per_s"]["device"]
@@ -71,6 +77,7 @@ def test_jpeg_decode_times_host_and_device_decoding_and_their_ratio(capsys):
     assert f"device / host: {device / host:.2f}x" in table
 
 
+@pytest.mark.slow
 def test_bench_vs_train_prints_both_rows_and_their_ratio(capsys):
     result = _load("bench_vs_train").main(["--tiny", "--threads", "1"])
     (bench,), (train,) = result["runs"]["bench"], result["runs"]["train"]
@@ -139,6 +146,7 @@ def test_imbalance_check_reports_macro_f1_and_minority_recall_per_variant(capsys
 
 
 @pytest.mark.slow
+@over_budget  # ~14 s: three fresh cnntrain processes
 def test_vs_plain_pytorch_measures_every_row_and_the_ratios(capsys, tmp_path):
     # fp32 only: the bf16 rows are the same runs with another --precision, and each costs a fresh process.
     report = _load("vs_plain_pytorch").main(["--synthetic-only", "--steps", "1", "--warmup", "1", "--window", "1",
@@ -186,6 +194,7 @@ def test_async_vs_sync_runs_both_strategies_and_tabulates_them(capsys, tmp_path)
 
 
 @pytest.mark.slow
+@over_budget  # ~30 s: five ResNet-18 runs in fresh processes
 def test_transfer_check_compares_both_starts_and_times_frozen_against_full(capsys, tmp_path):
     figures = _load("transfer_check").main(["--tiny", "--out", str(tmp_path)])
     assert len(figures["from_cifar_top1"]) == len(figures["from_random_top1"]) == 1
