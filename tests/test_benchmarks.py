@@ -6,16 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-# The suite's time budget holds the other tiny modes; these two add ~45 s on 2 cores, so they run on request.
-over_budget = pytest.mark.skipif(os.environ.get("CNNTRAIN_SLOW_BENCHMARKS") != "1",
-                                 reason="over the suite's time budget; set CNNTRAIN_SLOW_BENCHMARKS=1 to run it")
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +141,7 @@ def test_imbalance_check_reports_macro_f1_and_minority_recall_per_variant(capsys
 
 
 @pytest.mark.slow
-@over_budget  # ~14 s: three fresh cnntrain processes
+@pytest.mark.slow  # ~14 s: three fresh cnntrain processes
 def test_vs_plain_pytorch_measures_every_row_and_the_ratios(capsys, tmp_path):
     # fp32 only: the bf16 rows are the same runs with another --precision, and each costs a fresh process.
     report = _load("vs_plain_pytorch").main(["--synthetic-only", "--steps", "1", "--warmup", "1", "--window", "1",
@@ -194,7 +189,7 @@ def test_async_vs_sync_runs_both_strategies_and_tabulates_them(capsys, tmp_path)
 
 
 @pytest.mark.slow
-@over_budget  # ~30 s: five ResNet-18 runs in fresh processes
+@pytest.mark.slow  # ~30 s: five ResNet-18 runs in fresh processes
 def test_transfer_check_compares_both_starts_and_times_frozen_against_full(capsys, tmp_path):
     figures = _load("transfer_check").main(["--tiny", "--out", str(tmp_path)])
     assert len(figures["from_cifar_top1"]) == len(figures["from_random_top1"]) == 1
