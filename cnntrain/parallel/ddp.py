@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from cnntrain.errors import CnnTrainError, ConfigError, DistributedError
 from cnntrain.parallel.base import Strategy
-from cnntrain.parallel.hooks import all_reduce_mean, broadcast_state, bucket_mb_for, register_compression
+from cnntrain.parallel.hooks import PowerSGD, all_reduce_mean, broadcast_state, bucket_mb_for, register_compression
 
 log = logging.getLogger("cnntrain")
 
@@ -181,6 +181,48 @@ class DDP(Distributed):
 
     def release(self) -> None:
         self._ddp = self._hook_state = None
+
+    def state_dict(self) -> dict:
+        """PowerSGD: its step count, random state and warm-start Q (the same on every rank) and each
+        rank's error feedback (one row per rank, gathered on rank 0), all per parameter."""
+        hs = self._hook_state
+        if not isinstance(hs, PowerSGD):
+            return {}
+        st, (errors, qs) = hs.torch_state, hs.per_parameter()
+        _, keys, pos, has_gauss, gauss = st.rng.get_state()
+        saved = {"iter": st.iter, "rng_keys": torch.from_numpy(keys.astype("int64")), "rng_pos": int(pos),
+                 "rng_has_gauss": int(has_gauss), "rng_gauss": float(gauss),
+                 "q_params": torch.tensor(sorted(qs), dtype=torch.int64),
+                 "q": torch.cat([qs[i].reshape(-1) for i in sorted(qs)]).cpu() if qs else torch.zeros(0)}
+        if errors:  # none before compression starts (the same step on every rank)
+            mine = torch.cat([errors[i].reshape(-1) if i in errors else torch.zeros_like(p).reshape(-1)
+                              for i, p in enumerate(hs.params)])
+            rows = [torch.empty_like(mine) for _ in range(self.world_size)] if self.rank == 0 else None
+            with self.collective("gather of the PowerSGD error feedback"):
+                dist.gather(mine, rows, dst=0)
+            if self.rank == 0:
+                saved["errors"] = torch.stack(rows).cpu()
+        return {"powersgd": saved} if self.rank == 0 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved, hs = state.get("powersgd"), self._hook_state
+        if saved is None or not isinstance(hs, PowerSGD):
+            return
+        st = hs.torch_state
+        st.iter = int(saved["iter"])
+        st.rng.set_state(("MT19937", saved["rng_keys"].numpy().astype("uint32"), saved["rng_pos"],
+                          saved["rng_has_gauss"], saved["rng_gauss"]))
+        q_lengths = [hs.q_length(int(i)) for i in saved["q_params"]]
+        qs = dict(zip(saved["q_params"].tolist(), saved["q"].split(q_lengths)))
+        errors = {}
+        rows = saved.get("errors")
+        if rows is not None and rows.shape[0] != self.world_size:
+            if self.rank == 0:
+                log.warning("the checkpoint's PowerSGD error feedback is from %d processes, not %d: it is "
+                            "dropped (resume is not exact)", rows.shape[0], self.world_size)
+        elif rows is not None:
+            errors = dict(enumerate(rows[self.rank].split([p.numel() for p in hs.params])))
+        hs.hold(errors, qs)
 
 
 class SparseDDP(DDP):

@@ -46,9 +46,10 @@ def bucket_mb_for(model: nn.Module, compression: str, backend: str, bucket_mb: f
 
 
 def register_compression(ddp: nn.parallel.DistributedDataParallel, compression: str, ratio: float = 0.05,
-                         threshold: float = 0.0) -> SparseState | None:
+                         threshold: float = 0.0) -> SparseState | PowerSGD | None:
     """Install the DDP communication hook for ``compression`` (none: DDP's own all-reduce).
-    Returns the hook's state for top-k / threshold (it counts the bytes sent), else None."""
+    Returns the hook's state for top-k / threshold (it counts the bytes sent) and PowerSGD (a
+    checkpoint carries both), else None."""
     if compression in ("topk", "threshold"):
         state = SparseState(compression, ratio=ratio, threshold=threshold)
         ddp.register_comm_hook(state, sparse_hook)
@@ -58,10 +59,97 @@ def register_compression(ddp: nn.parallel.DistributedDataParallel, compression: 
     elif compression == "bf16":
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif compression == "powersgd":
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
-                                            start_powerSGD_iter=POWERSGD_START_ITER)
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        state = PowerSGD([p for p in ddp.module.parameters() if p.requires_grad], start_iter=POWERSGD_START_ITER)
+        ddp.register_comm_hook(state, powersgd_hook)
+        return state
     return None
+
+
+class PowerSGD:
+    """torch's PowerSGD hook (rank 1, after ``POWERSGD_START_ITER`` exact steps) with a state a
+    checkpoint can carry, so a resumed run compresses exactly as the uninterrupted one would.
+
+    torch keeps its error feedback and warm-start Q per bucket, laid out as the bucket was; DDP builds
+    its buckets again after the first step of every run, so a resumed run's buckets need not be the
+    saved run's. This class therefore holds them per parameter whenever the layout is unknown (after
+    a load) or changes (a rebuild), and lays them out for each bucket on its next exchange. Q is the
+    same on every rank (it is all-reduced); the error is each rank's own."""
+
+    def __init__(self, params: list[torch.Tensor], rank: int = 1, start_iter: int = POWERSGD_START_ITER) -> None:
+        self.torch_state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                                                       start_powerSGD_iter=start_iter)
+        self.params = params
+        self._index = {p: i for i, p in enumerate(params)}
+        self._layouts: dict[int, tuple[tuple[int, int, int], ...]] = {}  # bucket -> (param, offset, numel)
+        self._errors: dict[int, torch.Tensor] = {}  # per parameter, waiting for its bucket
+        self._qs: dict[int, torch.Tensor] = {}
+
+    def q_layout(self, layout) -> list[tuple[int, int, int]]:
+        """(parameter, length of its Q, length of its P) for each compressed parameter of a bucket, in
+        the order torch's hook lays them out: grouped by matrix shape in order of first appearance."""
+        groups = {}
+        for i, _, _ in layout:
+            n, m, r = self._matrix(i)
+            if powerSGD_hook._should_compress(n, m, r, self.torch_state.min_compression_rate)[0]:
+                groups.setdefault((n, m), []).append((i, m * r, n * r))
+        return [entry for group in groups.values() for entry in group]
+
+    def q_length(self, i: int) -> int:
+        n, m, r = self._matrix(i)
+        return m * r
+
+    def _matrix(self, i: int) -> tuple[int, int, int]:
+        """Rows, columns and approximation rank of parameter ``i``'s gradient as the hook sees it."""
+        p = self.params[i]
+        n = p.shape[0] if p.dim() else 1
+        m = p.numel() // n
+        return n, m, min(n, m, self.torch_state.matrix_approximation_rank)
+
+    def per_parameter(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Every parameter's error and Q held now (views of torch's buffers where laid out)."""
+        errors, qs, st = dict(self._errors), dict(self._qs), self.torch_state
+        for b, layout in self._layouts.items():
+            if b in st.error_dict:
+                errors.update({i: st.error_dict[b][off:off + n] for i, off, n in layout})
+            if b in st.q_memory_dict:
+                q, start = st.q_memory_dict[b], 0
+                for i, length, _ in self.q_layout(layout):
+                    qs[i] = q[start:start + length]
+                    start += length
+        return errors, qs
+
+    def exchange(self, bucket):
+        layout = tuple((self._index[p], g.storage_offset() - bucket.buffer().storage_offset(), g.numel())
+                       for p, g in zip(bucket.parameters(), bucket.gradients()))
+        b = bucket.index()
+        if self._layouts.get(b) != layout:
+            if b in self._layouts:  # DDP rebuilt its buckets: hold everything per parameter
+                self.hold(*[{i: t.clone() for i, t in d.items()} for d in self.per_parameter()])
+            self._lay_out(b, layout, bucket.buffer())
+        return powerSGD_hook.powerSGD_hook(self.torch_state, bucket)
+
+    def hold(self, errors: dict[int, torch.Tensor], qs: dict[int, torch.Tensor]) -> None:
+        """Keep ``errors`` / ``qs`` per parameter until each one's bucket next exchanges."""
+        st = self.torch_state
+        st.error_dict.clear(), st.p_memory_dict.clear(), st.q_memory_dict.clear()
+        self._layouts.clear()
+        self._errors, self._qs = errors, qs
+
+    def _lay_out(self, b: int, layout, buffer: torch.Tensor) -> None:
+        self._layouts[b] = layout
+        st = self.torch_state
+        if all(i in self._errors for i, _, _ in layout):
+            st.error_dict[b] = torch.cat([self._errors.pop(i).reshape(-1) for i, _, _ in layout]).to(buffer)
+        q_order = self.q_layout(layout)
+        if q_order and all(i in self._qs for i, _, _ in q_order):
+            st.q_memory_dict[b] = torch.cat([self._qs.pop(i).reshape(-1) for i, _, _ in q_order]).to(buffer)
+            # P is computed afresh from Q at every step: only its space must exist.
+            st.p_memory_dict[b] = buffer.new_empty(sum(p_len for _, _, p_len in q_order))
+
+
+def powersgd_hook(state: PowerSGD, bucket):
+    """DDP communication hook: ``state.exchange(bucket)`` (torch's PowerSGD, resumable layout)."""
+    return state.exchange(bucket)
 
 
 class SparseState:
