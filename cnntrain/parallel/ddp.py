@@ -197,11 +197,7 @@ class DDP(Distributed):
         if errors:  # none before compression starts (the same step on every rank)
             mine = torch.cat([errors[i].reshape(-1) if i in errors else torch.zeros_like(p).reshape(-1)
                               for i, p in enumerate(hs.params)])
-            rows = [torch.empty_like(mine) for _ in range(self.world_size)] if self.rank == 0 else None
-            with self.collective("gather of the PowerSGD error feedback"):
-                dist.gather(mine, rows, dst=0)
-            if self.rank == 0:
-                saved["errors"] = torch.stack(rows).cpu()
+            saved["errors"] = self._gather_rows(mine, "the PowerSGD error feedback")
         return {"powersgd": saved} if self.rank == 0 else {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,15 +210,28 @@ class DDP(Distributed):
                           saved["rng_has_gauss"], saved["rng_gauss"]))
         q_lengths = [hs.q_length(int(i)) for i in saved["q_params"]]
         qs = dict(zip(saved["q_params"].tolist(), saved["q"].split(q_lengths)))
-        errors = {}
-        rows = saved.get("errors")
-        if rows is not None and rows.shape[0] != self.world_size:
+        row = self._own_row(saved.get("errors"), "PowerSGD error feedback")
+        hs.hold({} if row is None else dict(enumerate(row.split([p.numel() for p in hs.params]))), qs)
+
+    def _gather_rows(self, mine: torch.Tensor, what: str) -> torch.Tensor | None:
+        """Every rank's ``mine`` (equal sizes), one row per rank, on rank 0 (None elsewhere): a
+        collective, for state each rank keeps apart (error feedback)."""
+        rows = [torch.empty_like(mine) for _ in range(self.world_size)] if self.rank == 0 else None
+        with self.collective(f"gather of {what}"):
+            dist.gather(mine, rows, dst=0)
+        return torch.stack(rows).cpu() if self.rank == 0 else None
+
+    def _own_row(self, rows: torch.Tensor | None, what: str) -> torch.Tensor | None:
+        """This rank's row of ``rows`` from :meth:`_gather_rows`; None (said once) when the checkpoint
+        came from another number of processes."""
+        if rows is None:
+            return None
+        if rows.shape[0] != self.world_size:
             if self.rank == 0:
-                log.warning("the checkpoint's PowerSGD error feedback is from %d processes, not %d: it is "
-                            "dropped (resume is not exact)", rows.shape[0], self.world_size)
-        elif rows is not None:
-            errors = dict(enumerate(rows[self.rank].split([p.numel() for p in hs.params])))
-        hs.hold(errors, qs)
+                log.warning("the checkpoint's %s is from %d processes, not %d: it is dropped (resume is not "
+                            "exact)", what, rows.shape[0], self.world_size)
+            return None
+        return rows[self.rank]
 
 
 class SparseDDP(DDP):
@@ -238,22 +247,14 @@ class SparseDDP(DDP):
 
     def state_dict(self) -> dict:
         """Every rank's unsent remainder, one row per rank, gathered on rank 0."""
-        mine = self._hook_state.remainder_of(self._params())
-        rows = [torch.empty_like(mine) for _ in range(self.world_size)] if self.rank == 0 else None
-        with self.collective("gather of the unsent gradient remainders (--grad-compression)"):
-            dist.gather(mine, rows, dst=0)
-        return {"remainders": torch.stack(rows).cpu()} if self.rank == 0 else {}
+        rows = self._gather_rows(self._hook_state.remainder_of(self._params()),
+                                 "the unsent gradient remainders (--grad-compression)")
+        return {"remainders": rows} if self.rank == 0 else {}
 
     def load_state_dict(self, state: dict) -> None:
-        rows = state.get("remainders")
-        if rows is None:
-            return
-        if rows.shape[0] != self.world_size:
-            if self.rank == 0:
-                log.warning("the checkpoint's unsent gradient remainders are from %d processes, not %d: they "
-                            "are dropped (resume is not exact)", rows.shape[0], self.world_size)
-            return
-        self._hook_state.load_remainder(self._params(), rows[self.rank])
+        row = self._own_row(state.get("remainders"), "unsent gradient remainder")
+        if row is not None:
+            self._hook_state.load_remainder(self._params(), row)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for p in self._ddp.module.parameters() if p.requires_grad]

@@ -119,8 +119,7 @@ class PowerSGD:
         return errors, qs
 
     def exchange(self, bucket):
-        layout = tuple((self._index[p], g.storage_offset() - bucket.buffer().storage_offset(), g.numel())
-                       for p, g in zip(bucket.parameters(), bucket.gradients()))
+        layout = tuple((self._index[p], start, n) for p, start, n in bucket_layout(bucket))
         b = bucket.index()
         if self._layouts.get(b) != layout:
             if b in self._layouts:  # DDP rebuilt its buckets: hold everything per parameter
@@ -145,6 +144,12 @@ class PowerSGD:
             st.q_memory_dict[b] = torch.cat([self._qs.pop(i).reshape(-1) for i, _, _ in q_order]).to(buffer)
             # P is computed afresh from Q at every step: only its space must exist.
             st.p_memory_dict[b] = buffer.new_empty(sum(p_len for _, _, p_len in q_order))
+
+
+def bucket_layout(bucket) -> list[tuple[torch.Tensor, int, int]]:
+    """(parameter, offset, numel) of each gradient in a ``dist.GradBucket``'s flat buffer."""
+    base = bucket.buffer().storage_offset()
+    return [(p, g.storage_offset() - base, g.numel()) for p, g in zip(bucket.parameters(), bucket.gradients())]
 
 
 def powersgd_hook(state: PowerSGD, bucket):
@@ -243,8 +248,7 @@ def sparse_hook(state: SparseState, bucket):
     if not state._open:
         state.begin_step()
     flat = bucket.buffer()
-    base = flat.storage_offset()
-    layout = [(p, g.storage_offset() - base, g.numel()) for p, g in zip(bucket.parameters(), bucket.gradients())]
+    layout = bucket_layout(bucket)
     for p, start, n in layout:
         kept = state.residuals.get(p)
         if kept is not None:
