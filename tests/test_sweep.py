@@ -151,3 +151,30 @@ def test_samplers_and_pruners_come_from_the_spec(tmp_path, sampler, pruner):
     assert type(study.pruner).__name__ == {"hyperband": "HyperbandPruner", "none": "NopPruner",
                                            "median": "MedianPruner"}[pruner]
     assert (tmp_path / "study.db").is_file() and study.study_name == "s"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-study", "shared-storage"])
+def test_a_trial_killed_between_the_ask_and_its_folder_is_adopted_in_its_own_study(tmp_path, shared):
+    """A kill right after the study's ask leaves a RUNNING trial with no folder and no lock. In the
+    sweep folder's own study.db it can only be this sweep's: the next worker adopts it (otherwise it
+    would stay RUNNING for ever and count against --trials). In a shared --storage a trial without a
+    folder here may be running on another machine: it is left alone."""
+    from cnntrain.sweep.driver import open_study, trial_dir
+    from cnntrain.sweep.worker import _take
+
+    spec_path, folder = tmp_path / "tiny.yaml", tmp_path / "sweep"
+    folder.mkdir()
+    storage = {"storage": f"sqlite:///{tmp_path / 'shared.db'}"} if shared else {}
+    spec_path.write_text(yaml.safe_dump({**SPEC, **storage}))
+    spec = load_spec(spec_path)
+    study = open_study(spec, folder)
+    orphan = study.ask()  # killed here: before its folder, its lock or its parameters
+    trial, fd, adopted = _take(study, spec, folder)
+    os.close(fd)
+    if shared:
+        assert (trial.number, adopted) == (orphan.number + 1, False)
+        assert not trial_dir(folder, orphan.number).exists()
+    else:
+        assert (trial.number, adopted) == (orphan.number, True)
+        assert trial_dir(folder, orphan.number).is_dir()
+        assert set(spec.suggest(trial)) == set(SPEC["space"])  # its parameters drawn now

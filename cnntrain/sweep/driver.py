@@ -13,8 +13,8 @@ through ``loop.request_stop`` when the pruner says so, then tells the study the 
 
 A killed sweep, run again, keeps its finished trials and resumes each interrupted one from its
 run folder's checkpoint (``--resume auto``, exact): a worker holds a lock file per trial while it
-runs it, so a trial still RUNNING in the study whose lock is free and whose folder is here was
-interrupted, and the next worker adopts it before asking for a new one.
+runs it, so a trial still RUNNING in the study whose lock is free (and, in a shared ``--storage``,
+whose folder is here) was interrupted, and the next worker adopts it before asking for a new one.
 """
 
 from __future__ import annotations

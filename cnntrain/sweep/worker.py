@@ -4,8 +4,9 @@ It takes the next trial from the study, trains it in process with a callback tha
 evaluation to Optuna and stops the run through ``loop.request_stop`` when the pruner says so, then
 tells the study the result and writes ``trial.json`` (and ``PRUNED`` for a pruned trial) into the
 trial's run folder. A worker holds a lock file per trial while it runs it: a trial still RUNNING in
-the study whose lock is free and whose folder is here was interrupted, and the next worker adopts
-it (resumed from its checkpoint, exactly) before asking the study for a new one.
+the study whose lock is free (and, in a shared ``--storage``, whose folder is here) was interrupted,
+and the next worker adopts it (resumed from its checkpoint, exactly) before asking the study for a
+new one; that includes a trial killed between the study's ask and the making of its folder.
 """
 
 from __future__ import annotations
@@ -64,19 +65,24 @@ def _take(study, spec: SweepSpec, folder: Path) -> tuple[Any, int, bool] | None:
     """Under the sweep's lock: an interrupted trial to adopt, else a new one while the budget lasts.
     Returns (trial, lock fd held for it, adopted), or None when the study has its trials."""
     optuna = optuna_module()
+    # A study in this folder's own study.db holds this sweep's trials only; in a shared --storage a
+    # trial is this folder's when its trial folder is here (others' run on other machines).
+    own_study = not spec.storage
     with _locked(folder / ".sweep.lock"):
         trials = study.get_trials(deepcopy=False)
         for t in trials:
-            if t.state == optuna.trial.TrialState.RUNNING and trial_dir(folder, t.number).is_dir():
+            if t.state == optuna.trial.TrialState.RUNNING and (own_study or trial_dir(folder, t.number).is_dir()):
                 fd = _try_lock(folder / "locks" / f"trial-{t.number:04d}.lock")
-                if fd is not None:
+                if fd is not None:  # killed, possibly before its folder was made: adopt it
+                    trial_dir(folder, t.number).mkdir(parents=True, exist_ok=True)
                     return optuna.trial.Trial(study, t._trial_id), fd, True
         if len(trials) >= spec.trials:
             return None
         trial = study.ask()
+        # Its folder first, so that a kill from here on leaves a trial a shared study knows as ours.
+        trial_dir(folder, trial.number).mkdir(parents=True, exist_ok=True)
         fd = _try_lock(folder / "locks" / f"trial-{trial.number:04d}.lock")
         spec.suggest(trial)  # drawn now, under the lock: the next ask sees them
-        trial_dir(folder, trial.number).mkdir(parents=True, exist_ok=True)
         return trial, fd, False
 
 
